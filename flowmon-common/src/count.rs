@@ -1,0 +1,133 @@
+//! The counting routine: adds one TCP segment to a connection's entry.
+//!
+//! The kernel runs it on map memory that other CPUs update at the same time
+//! (XDP on one receive queue, TC egress on another core), so every counter is
+//! an atomic add and every "first time" is a compare-and-swap from 0: a plain
+//! read-modify-write would lose counts under load. User space runs the very
+//! same code on its own table.
+
+use crate::{
+    flow::{DirStats, FlowValue},
+    parse::TcpSegment,
+};
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Adds `seg` to `value`. `packets` is how many wire packets the segment
+/// stands for (more than 1 only for a GSO super-packet seen at TC egress) and
+/// `ip_bytes` their IP-layer bytes; `now` is the packet time in nanoseconds.
+///
+/// # Safety
+/// `value` must point to a live, aligned `FlowValue` for the whole call; other
+/// threads may update it concurrently only through this function.
+#[inline(always)]
+pub unsafe fn record(value: *mut FlowValue, seg: &TcpSegment, packets: u32, ip_bytes: u64, now: u64) {
+    // Safety: the caller guarantees `value` is valid; an index of 0 or 1 is in
+    // bounds, and a constant index keeps the verifier's job simple.
+    let d: *mut DirStats = unsafe {
+        if seg.dir == 0 {
+            &raw mut (*value).dir[0]
+        } else {
+            &raw mut (*value).dir[1]
+        }
+    };
+    // Safety: every field pointer below is derived from the valid `d`, aligned
+    // as the repr(C) layout guarantees, and only accessed atomically.
+    unsafe {
+        add64(&raw mut (*d).packets, packets as u64);
+        add64(&raw mut (*d).bytes, ip_bytes);
+        let flags = seg.flags as u8;
+        if flags & TCP_SYN != 0 {
+            if flags & TCP_ACK != 0 {
+                add32(&raw mut (*d).synack, 1);
+                first(&raw mut (*d).first_synack_ns, now);
+            } else {
+                add32(&raw mut (*d).syn, 1);
+                first(&raw mut (*d).first_syn_ns, now);
+            }
+        }
+        if flags & TCP_FIN != 0 {
+            add32(&raw mut (*d).fin, 1);
+            first(&raw mut (*d).first_fin_ns, now);
+        }
+        if flags & TCP_RST != 0 {
+            add32(&raw mut (*d).rst, 1);
+            first(&raw mut (*d).first_rst_ns, now);
+        }
+        if seg.payload_len > 0 {
+            add32(&raw mut (*d).data_packets, packets);
+            first(&raw mut (*d).first_data_ns, now);
+        } else if flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && flags & TCP_ACK != 0 {
+            first(&raw mut (*d).first_ack_ns, now);
+        }
+        first(&raw mut (*d).first_ns, now);
+        // A plain store: the last writer wins, and any writer's time is recent.
+        (&raw mut (*d).last_ns).write_volatile(now);
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+use user_atomics::{add32, add64, first};
+#[cfg(target_arch = "bpf")]
+use bpf_atomics::{add32, add64, first};
+
+/// The bpf target has no `core::sync::atomic` read-modify-write types, so the
+/// kernel build uses the intrinsic, which LLVM lowers to the BPF atomic add
+/// (`lock *(u64 *)(r + off) += r`, available since the first eBPF ISA).
+#[cfg(target_arch = "bpf")]
+mod bpf_atomics {
+    use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
+
+    #[inline(always)]
+    pub(super) unsafe fn add64(p: *mut u64, v: u64) {
+        // Safety: forwarded from `record`.
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, v) };
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn add32(p: *mut u32, v: u32) {
+        // Safety: forwarded from `record`.
+        unsafe { atomic_xadd::<u32, u32, { Relaxed }>(p, v) };
+    }
+
+    /// Sets `*p` to `now` unless an earlier packet already did. Not a
+    /// compare-and-swap: BPF cmpxchg needs ISA v3, which the bpf target does
+    /// not default to. Two CPUs racing here both hold a "first" packet of the
+    /// same direction within nanoseconds of each other, so either time is right.
+    #[inline(always)]
+    pub(super) unsafe fn first(p: *mut u64, now: u64) {
+        // Safety: forwarded from `record`.
+        unsafe {
+            if p.read_volatile() == 0 {
+                p.write_volatile(now);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+mod user_atomics {
+    use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+        #[inline(always)]
+    pub(super) unsafe fn add64(p: *mut u64, v: u64) {
+        // Safety: forwarded from `record`.
+        unsafe { AtomicU64::from_ptr(p) }.fetch_add(v, Relaxed);
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn add32(p: *mut u32, v: u32) {
+        // Safety: forwarded from `record`.
+        unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Relaxed);
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn first(p: *mut u64, now: u64) {
+        // Safety: forwarded from `record`.
+        let _ = unsafe { AtomicU64::from_ptr(p) }.compare_exchange(0, now, Relaxed, Relaxed);
+    }
+}

@@ -1,0 +1,148 @@
+//! The flow table's key and value: one entry per connection, both directions.
+//!
+//! # Key layout
+//! One entry per connection (not one per direction): the two endpoints are stored
+//! in canonical order, the numerically lower `(address, port)` first as side A.
+//! A packet from A to B counts in `dir[DIR_A_TO_B]`, from B to A in
+//! `dir[DIR_B_TO_A]`. Why: one lookup per packet finds both directions, user space
+//! reads both directions of a connection in one consistent copy (needed to order
+//! events such as "who sent FIN first"), and the table holds half as many entries
+//! as a per-direction layout would. Which side is the client is decided in user
+//! space from the SYN and SYN-ACK times, not by the key.
+//!
+//! The key also carries the interface index and the outer VLAN id, so that a
+//! router watching two interfaces, or a trunk carrying the same addresses in two
+//! VLANs, never merges two different paths into one count.
+
+/// Index of the direction from side A (the lower endpoint) to side B.
+pub const DIR_A_TO_B: usize = 0;
+/// Index of the direction from side B to side A.
+pub const DIR_B_TO_A: usize = 1;
+
+/// Address family codes carried in [`FlowKey::family`].
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Canonical connection key. IPv4 addresses occupy the first four bytes of the
+/// 16-byte fields, the rest is zero. Every byte, padding included, is written
+/// by [`FlowKey::new`], since the kernel hashes the raw bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub addr_a: [u8; 16],
+    pub addr_b: [u8; 16],
+    /// Ports in host byte order.
+    pub port_a: u16,
+    pub port_b: u16,
+    pub ifindex: u32,
+    /// Outer 802.1Q/802.1ad VLAN id, 0 when untagged.
+    pub vlan: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
+
+impl FlowKey {
+    /// Puts the endpoints in canonical order, given a key whose side A holds
+    /// the packet's source and side B its destination. Returns the packet's
+    /// direction index.
+    #[inline(always)]
+    pub fn canonicalize(&mut self) -> usize {
+        let src_first = match cmp_bytes(&self.addr_a, &self.addr_b) {
+            core::cmp::Ordering::Less => true,
+            core::cmp::Ordering::Greater => false,
+            core::cmp::Ordering::Equal => self.port_a <= self.port_b,
+        };
+        if src_first {
+            return DIR_A_TO_B;
+        }
+        let mut i = 0;
+        while i < 16 {
+            let t = self.addr_a[i];
+            self.addr_a[i] = self.addr_b[i];
+            self.addr_b[i] = t;
+            i += 1;
+        }
+        core::mem::swap(&mut self.port_a, &mut self.port_b);
+        DIR_B_TO_A
+    }
+}
+
+// A loop the verifier sees as bounded; `<[u8]>::cmp` may call memcmp, which the
+// bpf target does not have.
+#[inline(always)]
+fn cmp_bytes(a: &[u8; 16], b: &[u8; 16]) -> core::cmp::Ordering {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != b[i] {
+            return if a[i] < b[i] {
+                core::cmp::Ordering::Less
+            } else {
+                core::cmp::Ordering::Greater
+            };
+        }
+        i += 1;
+    }
+    core::cmp::Ordering::Equal
+}
+
+/// What one direction of a connection has sent. Times are nanoseconds on the
+/// clock the program reads (CLOCK_MONOTONIC live, capture time on replay);
+/// 0 means "never". The `first_*` times let user space order events: who sent
+/// FIN first, whether an RST came after a FIN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirStats {
+    pub packets: u64,
+    /// IP-layer bytes (IP header included, link header and padding excluded),
+    /// the unit Zeek's `*_ip_bytes` use.
+    pub bytes: u64,
+    /// SYN without ACK.
+    pub syn: u32,
+    /// SYN with ACK.
+    pub synack: u32,
+    pub fin: u32,
+    pub rst: u32,
+    /// Segments carrying TCP payload.
+    pub data_packets: u32,
+    pub _pad: u32,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub first_syn_ns: u64,
+    pub first_synack_ns: u64,
+    pub first_fin_ns: u64,
+    pub first_rst_ns: u64,
+    pub first_data_ns: u64,
+    /// First pure ACK: ACK set, no SYN/FIN/RST, no payload.
+    pub first_ack_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<DirStats>() == 104);
+
+/// Value of the flow table: both directions of one connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub dir: [DirStats; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 208);
+
+/// Default number of connections the kernel table holds (`--max-flows`).
+/// Memory: 44-byte key + 208-byte value + about 72 bytes of LRU hash element
+/// overhead, so about 324 bytes per connection, 81 MiB at the default.
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+
+/// Layout of the one-entry CONFIG array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// When non-zero, the programs use this as the packet time instead of
+    /// `bpf_ktime_get_ns`: `flowmon replay` sets it to each packet's capture time.
+    pub clock_override_ns: u64,
+    /// Bit 0: kernel-side debug logging through aya-log.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+/// [`Config::flags`] bit that turns on aya-log debug output.
+pub const CONFIG_FLAG_LOG: u32 = 1;

@@ -1,0 +1,31 @@
+//! Indices of the global per-CPU counters (the STATS map).
+
+/// Every packet the programs saw.
+pub const STAT_PACKETS: u32 = 0;
+/// TCP segments counted in the flow table (first fragments included).
+pub const STAT_TCP: u32 = 1;
+/// Well-formed packets that are not TCP (ARP, UDP, ICMP, ...).
+pub const STAT_NON_TCP: u32 = 2;
+/// Packets truncated or invalid at some layer (short Ethernet/VLAN header,
+/// bad IP version or header length, IPv6 extension chain longer than the
+/// programs follow, TCP data offset below 5 or past the packet).
+pub const STAT_MALFORMED: u32 = 3;
+/// IPv4/IPv6 fragments other than the first: they carry no TCP header.
+pub const STAT_FRAGMENTS: u32 = 4;
+/// New connection entries inserted into the flow table.
+pub const STAT_FLOWS_CREATED: u32 = 5;
+/// Inserts the kernel refused (the packet is still passed, not counted per flow).
+pub const STAT_INSERT_FAILED: u32 = 6;
+/// Number of slots in the STATS map.
+pub const STAT_COUNT: u32 = 7;
+
+/// Human-readable names, indexed like the constants above.
+pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+    "packets",
+    "tcp",
+    "non_tcp",
+    "malformed",
+    "fragments",
+    "flows_created",
+    "insert_failed",
+];

@@ -1,0 +1,175 @@
+//! Kernel programs: count TCP flag events per connection, both directions.
+//!
+//! `flowmon_xdp` sees received packets, `flowmon_tc` (clsact egress) sent ones;
+//! both call [`handle`], which runs the shared parser and counting routine from
+//! flowmon-common. Every path passes the packet: a monitor never drops or
+//! alters traffic, and a packet it cannot parse only bumps a counter.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{TC_ACT_UNSPEC, __sk_buff, xdp_action::XDP_PASS},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map, xdp},
+    maps::{Array, LruHashMap, PerCpuArray},
+    programs::{TcContext, XdpContext},
+};
+use aya_log_ebpf::debug;
+use flowmon_common::{
+    count::record,
+    flow::{CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue},
+    parse::{MAX_HEADER_OFFSET, PacketBytes, Parsed, TcpSegment, parse_ethernet},
+    stats::{
+        STAT_COUNT, STAT_FLOWS_CREATED, STAT_FRAGMENTS, STAT_INSERT_FAILED, STAT_MALFORMED,
+        STAT_NON_TCP, STAT_PACKETS, STAT_TCP,
+    },
+};
+
+/// One entry per connection. LRU so that a full table never refuses a new
+/// connection: the least recently active entry makes room, and the agent
+/// notices the disappearance and reports it as evicted. Its size is set at
+/// load time (`--max-flows`).
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Per-CPU scratch for the segment being parsed, off the 512-byte stack.
+#[map]
+static SEG: PerCpuArray<TcpSegment> = PerCpuArray::with_max_entries(1, 0);
+
+/// A zeroed value to insert from: a 208-byte value on the 512-byte BPF stack
+/// would crowd out the parser's locals.
+#[map]
+static ZERO: Array<FlowValue> = Array::with_max_entries(1, 0);
+
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
+/// Reads a packet through direct packet access, as the verifier requires:
+/// every offset is bounded before it is added to the packet pointer, and every
+/// read is checked against the end.
+struct Direct {
+    data: usize,
+    end: usize,
+}
+
+impl PacketBytes for Direct {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        if offset > MAX_HEADER_OFFSET {
+            return None;
+        }
+        let start = self.data + offset;
+        if start + core::mem::size_of::<T>() > self.end {
+            return None;
+        }
+        // Safety: the range [start, start + size) lies inside the packet, as
+        // checked just above.
+        Some(unsafe { (start as *const T).read_unaligned() })
+    }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // Safety: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn config() -> Config {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// Parses and counts one packet. `segs` is the number of wire packets the
+/// buffer stands for and `len` its length from the link header on; `None`
+/// means one packet whose IP length is taken from its header.
+#[inline(always)]
+fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Option<(u32, u32)>) {
+    bump(STAT_PACKETS);
+    let Some(seg) = SEG.get_ptr_mut(0) else { return };
+    // Safety: this CPU's scratch slot; a program runs to completion on one CPU
+    // without preemption by another flowmon program on the same CPU.
+    let seg = unsafe { &mut *seg };
+    match parse_ethernet(pkt, ifindex, seg) {
+        Parsed::Tcp => {}
+        Parsed::NotTcp => return bump(STAT_NON_TCP),
+        Parsed::Fragment => return bump(STAT_FRAGMENTS),
+        Parsed::Malformed => return bump(STAT_MALFORMED),
+    };
+    bump(STAT_TCP);
+    let cfg = config();
+    let now = if cfg.clock_override_ns != 0 {
+        cfg.clock_override_ns
+    } else {
+        // Safety: a helper without preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    };
+    let (packets, ip_bytes) = match gso {
+        // A GSO super-packet: every wire segment repeats the headers.
+        Some((segs, len)) if segs > 1 => {
+            let ip = u64::from(len.saturating_sub(seg.l3_offset));
+            (segs, ip + u64::from(segs - 1) * u64::from(seg.hdr_len))
+        }
+        Some((_, len)) => (1, u64::from(len.saturating_sub(seg.l3_offset))),
+        None => (1, u64::from(seg.ip_len)),
+    };
+    let value = match FLOWS.get_ptr_mut(&seg.key) {
+        Some(v) => v,
+        None => {
+            let Some(zero) = ZERO.get(0) else { return };
+            match FLOWS.insert(&seg.key, zero, BPF_NOEXIST) {
+                Ok(()) => bump(STAT_FLOWS_CREATED),
+                // Another CPU inserted it between our lookup and insert.
+                Err(e) if e == -EEXIST => {}
+                Err(_) => return bump(STAT_INSERT_FAILED),
+            }
+            match FLOWS.get_ptr_mut(&seg.key) {
+                Some(v) => v,
+                None => return bump(STAT_INSERT_FAILED),
+            }
+        }
+    };
+    // Safety: `value` points into the map element, valid during this program
+    // run; concurrent writers go through `record`'s atomics as well.
+    unsafe { record(value, seg, packets, ip_bytes, now) };
+    if cfg.flags & CONFIG_FLAG_LOG != 0 {
+        debug!(ctx, "tcp if={} flags={:x} dir={} sport={} dport={}", ifindex, seg.flags, seg.dir, seg.key.port_a, seg.key.port_b);
+    }
+}
+
+#[xdp]
+pub fn flowmon_xdp(ctx: XdpContext) -> u32 {
+    let pkt = Direct { data: ctx.data(), end: ctx.data_end() };
+    handle(&ctx, &pkt, ctx.ingress_ifindex() as u32, None);
+    XDP_PASS
+}
+
+#[classifier]
+pub fn flowmon_tc(ctx: TcContext) -> i32 {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // Safety: the context pointer the kernel handed us; these fields are
+    // readable by TC programs.
+    let (ifindex, segs, len) = unsafe { ((*skb).ifindex, (*skb).gso_segs, (*skb).len) };
+    let pkt = Direct { data: ctx.data(), end: ctx.data_end() };
+    handle(&ctx, &pkt, ifindex, Some((segs, len)));
+    // "No opinion": the packet continues to any later filter, then out.
+    TC_ACT_UNSPEC
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

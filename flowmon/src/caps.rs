@@ -1,0 +1,62 @@
+//! Checks, before touching the kernel, that this process may load and attach
+//! BPF programs, so a missing privilege gets a message that names it.
+
+use std::fs;
+
+/// Linux capability numbers (include/uapi/linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// The capabilities flowmon needs and lacks, by name; empty when all are held.
+/// CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON, as the kernel allows.
+pub fn missing() -> Vec<&'static str> {
+    let eff = effective().unwrap_or(0);
+    missing_from(eff)
+}
+
+/// The pure part of [`missing`], for a given effective capability mask.
+pub fn missing_from(eff: u64) -> Vec<&'static str> {
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    let sys_admin = has(CAP_SYS_ADMIN);
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !sys_admin {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_PERFMON) && !sys_admin {
+        missing.push("CAP_PERFMON");
+    }
+    missing
+}
+
+/// The effective capability mask of this process, from /proc/self/status.
+fn effective() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+    u64::from_str_radix(line["CapEff:".len()..].trim(), 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_has_everything() {
+        assert!(missing_from(u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn nothing_names_all_three() {
+        assert_eq!(missing_from(0), ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]);
+    }
+
+    #[test]
+    fn sys_admin_covers_bpf_and_perfmon() {
+        assert_eq!(missing_from(1 << CAP_SYS_ADMIN), ["CAP_NET_ADMIN"]);
+        assert!(missing_from((1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_PERFMON)).is_empty());
+    }
+}

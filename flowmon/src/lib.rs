@@ -1,0 +1,12 @@
+//! flowmon: a kernel-accelerated TCP session-health monitor.
+//!
+//! The library holds everything the `flowmon` binary does, so tests can drive
+//! it directly: [`kernel`] loads and reads the eBPF programs, [`model`] turns
+//! raw per-connection counters into client/server views, [`summary`] renders
+//! what the agent prints.
+
+pub mod caps;
+pub mod iface;
+pub mod kernel;
+pub mod model;
+pub mod summary;

@@ -1,0 +1,327 @@
+//! What `flowmon run` prints each poll: pure functions from map contents to a
+//! [`Poll`], rendered as one compact text block or one JSON object.
+
+use std::{collections::HashMap, fmt::Write as _};
+
+use flowmon_common::{
+    flow::{DirStats, FlowKey, FlowValue},
+    stats::{STAT_COUNT, STAT_FLOWS_CREATED, STAT_NAMES},
+};
+use serde_json::{Map, Value, json};
+
+use crate::model::Conn;
+
+/// JSON schema version of the poll objects.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Flag and packet counts summed over connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+    pub syn: u64,
+    pub synack: u64,
+    pub fin: u64,
+    pub rst: u64,
+}
+
+impl Counts {
+    fn add_dir(&mut self, now: &DirStats, before: Option<&DirStats>) {
+        let z = DirStats::default();
+        let b = before.unwrap_or(&z);
+        self.packets += now.packets.saturating_sub(b.packets);
+        self.bytes += now.bytes.saturating_sub(b.bytes);
+        self.syn += u64::from(now.syn.saturating_sub(b.syn));
+        self.synack += u64::from(now.synack.saturating_sub(b.synack));
+        self.fin += u64::from(now.fin.saturating_sub(b.fin));
+        self.rst += u64::from(now.rst.saturating_sub(b.rst));
+    }
+}
+
+/// One poll's worth of facts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Poll {
+    pub time_unix_ms: u64,
+    pub interval_ms: u64,
+    pub ifaces: Vec<String>,
+    /// Global counters since load, by `flowmon_common::stats` index.
+    pub totals: [u64; STAT_COUNT as usize],
+    /// Connections created by the kernel and no longer in its table.
+    pub flows_evicted: u64,
+    pub flows_active: usize,
+    pub flows_new: usize,
+    /// Counts added since the previous poll.
+    pub delta: Counts,
+    /// Connections that saw packets since the previous poll, busiest first.
+    pub changed: Vec<Conn>,
+}
+
+/// Remembers the previous poll so the next one can report what changed.
+#[derive(Default)]
+pub struct Tracker {
+    prev: HashMap<FlowKey, FlowValue>,
+    prev_time_unix_ms: Option<u64>,
+}
+
+impl Tracker {
+    pub fn poll(
+        &mut self,
+        flows: Vec<(FlowKey, FlowValue)>,
+        totals: [u64; STAT_COUNT as usize],
+        ifaces: Vec<String>,
+        time_unix_ms: u64,
+    ) -> Poll {
+        let mut delta = Counts::default();
+        let mut changed = Vec::new();
+        let mut flows_new = 0;
+        for (k, v) in &flows {
+            let before = self.prev.get(k);
+            if before.is_none() {
+                flows_new += 1;
+            }
+            if before != Some(v) {
+                for d in 0..2 {
+                    delta.add_dir(&v.dir[d], before.map(|b| &b.dir[d]));
+                }
+                changed.push(Conn::new(*k, *v));
+            }
+        }
+        changed.sort_by_key(|c| std::cmp::Reverse(c.value.dir[0].packets + c.value.dir[1].packets));
+        let interval_ms = self.prev_time_unix_ms.map_or(0, |p| time_unix_ms.saturating_sub(p));
+        let flows_active = flows.len();
+        // The kernel never deletes entries itself except through LRU eviction,
+        // so whatever it created and no longer holds was evicted.
+        let flows_evicted = totals[STAT_FLOWS_CREATED as usize].saturating_sub(flows_active as u64);
+        self.prev = flows.into_iter().collect();
+        self.prev_time_unix_ms = Some(time_unix_ms);
+        Poll { time_unix_ms, interval_ms, ifaces, totals, flows_evicted, flows_active, flows_new, delta, changed }
+    }
+}
+
+/// Converts kernel times (CLOCK_MONOTONIC ns) to Unix time in seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// Unix time minus monotonic time, in ns.
+    pub offset_ns: i128,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+        let real = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).expect("CLOCK_REALTIME");
+        let ns = |t: nix::sys::time::TimeSpec| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec());
+        Self { offset_ns: ns(real) - ns(mono) }
+    }
+
+    /// Seconds since the Unix epoch for kernel time `ns`; `None` for 0 ("never").
+    pub fn unix_secs(&self, ns: u64) -> Option<f64> {
+        (ns != 0).then(|| (i128::from(ns) + self.offset_ns) as f64 / 1e9)
+    }
+}
+
+/// A connection as a flat JSON object, keys in the connection vocabulary.
+pub fn conn_json(c: &Conn, iface: &str, clock: &Clock) -> Value {
+    let (cip, cport) = c.client();
+    let (sip, sport) = c.server();
+    let (clt, srv) = (c.clt(), c.srv());
+    let first = [clt.first_ns, srv.first_ns].into_iter().filter(|&t| t != 0).min().unwrap_or(0);
+    let last = clt.last_ns.max(srv.last_ns);
+    let mut m = Map::new();
+    let mut put = |k: &str, v: Value| {
+        m.insert(k.to_string(), v);
+    };
+    put("client.ip", json!(cip.to_string()));
+    put("client.port", json!(cport));
+    put("server.ip", json!(sip.to_string()));
+    put("server.port", json!(sport));
+    put("iface", json!(iface));
+    put("vlan", json!(c.key.vlan));
+    put("first_seen", json!(clock.unix_secs(first)));
+    put("last_seen", json!(clock.unix_secs(last)));
+    put("duration", json!(last.saturating_sub(first) as f64 / 1e9));
+    put("pkts.clt", json!(clt.packets));
+    put("pkts.srv", json!(srv.packets));
+    put("bytes.clt", json!(clt.bytes));
+    put("bytes.srv", json!(srv.bytes));
+    put("syn.count", json!(clt.syn + srv.syn));
+    put("syn.count.clt", json!(clt.syn));
+    put("syn.count.srv", json!(srv.syn));
+    put("synack.count", json!(clt.synack + srv.synack));
+    put("synack.count.clt", json!(clt.synack));
+    put("synack.count.srv", json!(srv.synack));
+    put("fin.count", json!(clt.fin + srv.fin));
+    put("fin.count.clt", json!(clt.fin));
+    put("fin.count.srv", json!(srv.fin));
+    put("rst.count", json!(clt.rst + srv.rst));
+    put("rst.count.clt", json!(clt.rst));
+    put("rst.count.srv", json!(srv.rst));
+    put("data_pkts.clt", json!(clt.data_packets));
+    put("data_pkts.srv", json!(srv.data_packets));
+    put("direction_guessed", json!(c.direction_guessed));
+    Value::Object(m)
+}
+
+fn iface_name<'a>(names: &'a HashMap<u32, String>, ifindex: u32) -> std::borrow::Cow<'a, str> {
+    names.get(&ifindex).map_or_else(|| ifindex.to_string().into(), |n| n.as_str().into())
+}
+
+/// The poll as one JSON object (`flowmon run --json`, one per line).
+pub fn poll_json(p: &Poll, names: &HashMap<u32, String>, clock: &Clock) -> Value {
+    let mut totals = Map::new();
+    for (name, v) in STAT_NAMES.iter().zip(p.totals) {
+        totals.insert((*name).to_string(), json!(v));
+    }
+    totals.insert("flows_evicted".into(), json!(p.flows_evicted));
+    json!({
+        "schema": SCHEMA_VERSION,
+        "time": p.time_unix_ms as f64 / 1e3,
+        "interval_ms": p.interval_ms,
+        "ifaces": p.ifaces,
+        "totals": totals,
+        "flows_active": p.flows_active,
+        "flows_new": p.flows_new,
+        "delta": p.delta,
+        "changed": p.changed.iter().map(|c| conn_json(c, &iface_name(names, c.key.ifindex), clock)).collect::<Vec<_>>(),
+    })
+}
+
+/// The poll as a compact text block: one summary line, then the busiest
+/// changed connections (at most `max_conns`).
+pub fn poll_text(p: &Poll, names: &HashMap<u32, String>, max_conns: usize) -> String {
+    let t = &p.totals;
+    let d = &p.delta;
+    let secs = p.time_unix_ms / 1000;
+    let mut s = format!(
+        "{:02}:{:02}:{:02} {} | conns {} ({} new) | pkts {} | SYN {} SYN-ACK {} FIN {} RST {} | non-TCP {} malformed {} fragments {} evicted {}\n",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        p.ifaces.join(","),
+        p.flows_active,
+        p.flows_new,
+        d.packets,
+        d.syn,
+        d.synack,
+        d.fin,
+        d.rst,
+        t[2],
+        t[3],
+        t[4],
+        p.flows_evicted,
+    );
+    for c in p.changed.iter().take(max_conns) {
+        let (cip, cport) = c.client();
+        let (sip, sport) = c.server();
+        let (clt, srv) = (c.clt(), c.srv());
+        let arrow = if c.direction_guessed { "?>" } else { "->" };
+        let _ = writeln!(
+            s,
+            "  {:<8} {} {arrow} {}  pkts {}/{}  SYN {}/{}  FIN {}/{}  RST {}/{}",
+            iface_name(names, c.key.ifindex),
+            fmt_endpoint(cip, cport),
+            fmt_endpoint(sip, sport),
+            clt.packets,
+            srv.packets,
+            clt.syn,
+            srv.synack,
+            clt.fin,
+            srv.fin,
+            clt.rst,
+            srv.rst,
+        );
+    }
+    if p.changed.len() > max_conns {
+        let _ = writeln!(s, "  ... and {} more", p.changed.len() - max_conns);
+    }
+    s
+}
+
+fn fmt_endpoint(ip: std::net::IpAddr, port: u16) -> String {
+    match ip {
+        std::net::IpAddr::V4(_) => format!("{ip}:{port}"),
+        std::net::IpAddr::V6(_) => format!("[{ip}]:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flowmon_common::flow::{DIR_A_TO_B, DIR_B_TO_A};
+
+    use super::*;
+
+    fn flow(port_b: u16, clt_pkts: u64, srv_pkts: u64) -> (FlowKey, FlowValue) {
+        let mut k = FlowKey { port_a: 80, port_b, family: 4, ifindex: 3, ..Default::default() };
+        k.addr_a[..4].copy_from_slice(&[10, 0, 0, 1]);
+        k.addr_b[..4].copy_from_slice(&[10, 0, 0, 2]);
+        let mut v = FlowValue::default();
+        v.dir[DIR_B_TO_A].packets = clt_pkts;
+        v.dir[DIR_B_TO_A].syn = 1;
+        v.dir[DIR_B_TO_A].first_ns = 1_000_000_000;
+        v.dir[DIR_A_TO_B].packets = srv_pkts;
+        v.dir[DIR_A_TO_B].synack = 1;
+        v.dir[DIR_A_TO_B].rst = 1;
+        v.dir[DIR_A_TO_B].last_ns = 3_500_000_000;
+        (k, v)
+    }
+
+    fn totals(created: u64) -> [u64; STAT_COUNT as usize] {
+        let mut t = [0; STAT_COUNT as usize];
+        t[STAT_FLOWS_CREATED as usize] = created;
+        t
+    }
+
+    #[test]
+    fn deltas_count_only_what_is_new() {
+        let mut tr = Tracker::default();
+        let p = tr.poll(vec![flow(40000, 3, 2)], totals(1), vec!["veth0".into()], 10_000);
+        assert_eq!((p.flows_new, p.delta.packets, p.delta.syn, p.delta.synack, p.delta.rst), (1, 5, 1, 1, 1));
+        let p = tr.poll(vec![flow(40000, 5, 2), flow(40001, 1, 1)], totals(2), vec!["veth0".into()], 11_000);
+        assert_eq!((p.flows_new, p.delta.packets, p.delta.syn, p.interval_ms), (1, 4, 1, 1000));
+        assert_eq!(p.changed.len(), 2);
+        assert_eq!(p.changed[0].key.port_b, 40000, "busiest first");
+        let p = tr.poll(vec![flow(40000, 5, 2), flow(40001, 1, 1)], totals(2), vec!["veth0".into()], 12_000);
+        assert_eq!((p.delta, p.changed.len(), p.flows_evicted), (Counts::default(), 0, 0));
+    }
+
+    #[test]
+    fn entries_gone_from_the_table_are_evictions() {
+        let mut tr = Tracker::default();
+        let p = tr.poll(vec![flow(1, 1, 1)], totals(5), vec![], 0);
+        assert_eq!(p.flows_evicted, 4);
+    }
+
+    #[test]
+    fn json_uses_the_connection_vocabulary() {
+        let mut tr = Tracker::default();
+        let p = tr.poll(vec![flow(40000, 3, 2)], totals(1), vec!["veth0".into()], 10_000);
+        let names = HashMap::from([(3, "veth0".to_string())]);
+        let clock = Clock { offset_ns: 1_700_000_000_000_000_000 };
+        let j = poll_json(&p, &names, &clock);
+        let c = &j["changed"][0];
+        assert_eq!(c["client.ip"], "10.0.0.2");
+        assert_eq!(c["client.port"], 40000);
+        assert_eq!(c["server.ip"], "10.0.0.1");
+        assert_eq!(c["server.port"], 80);
+        assert_eq!(c["iface"], "veth0");
+        assert_eq!((c["pkts.clt"].as_u64(), c["pkts.srv"].as_u64()), (Some(3), Some(2)));
+        assert_eq!((c["syn.count.clt"].as_u64(), c["rst.count.srv"].as_u64(), c["rst.count"].as_u64()), (Some(1), Some(1), Some(1)));
+        assert_eq!(c["first_seen"].as_f64(), Some(1_700_000_001.0));
+        assert_eq!(c["duration"].as_f64(), Some(2.5));
+        assert_eq!(c["direction_guessed"], false);
+        assert_eq!(j["totals"]["flows_created"], 1);
+        assert_eq!(j["schema"], SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn text_names_client_then_server() {
+        let mut tr = Tracker::default();
+        let p = tr.poll(vec![flow(40000, 3, 2)], totals(1), vec!["veth0".into()], 3_600_000 + 61_000);
+        let names = HashMap::from([(3, "veth0".to_string())]);
+        let text = poll_text(&p, &names, 10);
+        assert_eq!(
+            text,
+            "01:01:01 veth0 | conns 1 (1 new) | pkts 5 | SYN 1 SYN-ACK 1 FIN 0 RST 1 | non-TCP 0 malformed 0 fragments 0 evicted 0\n  \
+             veth0    10.0.0.2:40000 -> 10.0.0.1:80  pkts 3/2  SYN 1/1  FIN 0/0  RST 0/1\n"
+        );
+    }
+}
