@@ -25,7 +25,13 @@ pub const TCP_ACK: u8 = 0x10;
 /// `value` must point to a live, aligned `FlowValue` for the whole call; other
 /// threads may update it concurrently only through this function.
 #[inline(always)]
-pub unsafe fn record(value: *mut FlowValue, seg: &TcpSegment, packets: u32, ip_bytes: u64, now: u64) {
+pub unsafe fn record(
+    value: *mut FlowValue,
+    seg: &TcpSegment,
+    packets: u32,
+    ip_bytes: u64,
+    now: u64,
+) {
     // Safety: the caller guarantees `value` is valid; an index of 0 or 1 is in
     // bounds, and a constant index keeps the verifier's job simple.
     let d: *mut DirStats = unsafe {
@@ -70,10 +76,10 @@ pub unsafe fn record(value: *mut FlowValue, seg: &TcpSegment, packets: u32, ip_b
     }
 }
 
-#[cfg(not(target_arch = "bpf"))]
-use user_atomics::{add32, add64, first};
 #[cfg(target_arch = "bpf")]
 use bpf_atomics::{add32, add64, first};
+#[cfg(not(target_arch = "bpf"))]
+use user_atomics::{add32, add64, first};
 
 /// The bpf target has no `core::sync::atomic` read-modify-write types, so the
 /// kernel build uses the intrinsic, which LLVM lowers to the BPF atomic add
@@ -113,7 +119,7 @@ mod bpf_atomics {
 mod user_atomics {
     use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
-        #[inline(always)]
+    #[inline(always)]
     pub(super) unsafe fn add64(p: *mut u64, v: u64) {
         // Safety: forwarded from `record`.
         unsafe { AtomicU64::from_ptr(p) }.fetch_add(v, Relaxed);

@@ -13,7 +13,10 @@ pub enum Ext {
     Routing,
     DestOpts,
     /// Fragment header with this offset (in 8-byte units) and more-fragments bit.
-    Fragment { offset: u16, more: bool },
+    Fragment {
+        offset: u16,
+        more: bool,
+    },
 }
 
 /// A frame description; `build` lays it out as bytes.

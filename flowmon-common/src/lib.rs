@@ -4,7 +4,13 @@
 //! and the same counting routine run in the XDP/TC programs and in the offline
 //! pcap path, so both give the same answer for the same packet.
 #![no_std]
-#![cfg_attr(target_arch = "bpf", expect(internal_features, reason = "atomic_xadd: the bpf target has no atomic RMW types"))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        internal_features,
+        reason = "atomic_xadd: the bpf target has no atomic RMW types"
+    )
+)]
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 
 pub mod count;

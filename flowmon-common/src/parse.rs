@@ -95,7 +95,11 @@ fn be16<P: PacketBytes + ?Sized>(p: &P, off: usize) -> Option<u16> {
 
 /// Parses a frame that starts with an Ethernet header.
 #[inline(always)]
-pub fn parse_ethernet<P: PacketBytes + ?Sized>(p: &P, ifindex: u32, seg: &mut TcpSegment) -> Parsed {
+pub fn parse_ethernet<P: PacketBytes + ?Sized>(
+    p: &P,
+    ifindex: u32,
+    seg: &mut TcpSegment,
+) -> Parsed {
     let Some(mut ethertype) = be16(p, 12) else {
         return Parsed::Malformed;
     };
@@ -103,8 +107,7 @@ pub fn parse_ethernet<P: PacketBytes + ?Sized>(p: &P, ifindex: u32, seg: &mut Tc
     let mut vlan = 0u16;
     let mut tags = 0;
     while tags < MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD && ethertype != ETH_P_QINQ_9100
-        {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD && ethertype != ETH_P_QINQ_9100 {
             break;
         }
         let (Some(tci), Some(inner)) = (be16(p, off), be16(p, off + 2)) else {

@@ -44,7 +44,10 @@ fn ipv4_plain_syn() {
     assert_eq!(s.key.ifindex, 7);
     assert_eq!(s.dir as usize, DIR_B_TO_A);
     assert_eq!(s.flags, u32::from(TCP_SYN));
-    assert_eq!((s.l3_offset, s.ip_len, s.hdr_len, s.payload_len), (14, 40, 40, 0));
+    assert_eq!(
+        (s.l3_offset, s.ip_len, s.hdr_len, s.payload_len),
+        (14, 40, 40, 0)
+    );
 }
 
 #[test]
@@ -61,7 +64,10 @@ fn both_directions_share_one_key() {
 fn same_address_orders_by_port() {
     let f = Frame::tcp(v4("127.0.0.1"), 5000, v4("127.0.0.1"), 80, TCP_SYN).build();
     let s = tcp(&f[..], 1);
-    assert_eq!((s.key.port_a, s.key.port_b, s.dir as usize), (80, 5000, DIR_B_TO_A));
+    assert_eq!(
+        (s.key.port_a, s.key.port_b, s.dir as usize),
+        (80, 5000, DIR_B_TO_A)
+    );
 }
 
 #[test]
@@ -70,7 +76,10 @@ fn ipv4_options_and_payload() {
     fr.ipv4_options = 12;
     fr.tcp_options = 12;
     let s = tcp(&fr.build()[..], 1);
-    assert_eq!((s.ip_len, s.hdr_len, s.payload_len), (32 + 32 + 100, 64, 100));
+    assert_eq!(
+        (s.ip_len, s.hdr_len, s.payload_len),
+        (32 + 32 + 100, 64, 100)
+    );
 }
 
 #[test]
@@ -85,16 +94,26 @@ fn ethernet_padding_is_not_payload() {
 fn vlan_and_qinq() {
     let s = tcp(&syn4().vlan(ETH_P_8021Q, 42).build()[..], 1);
     assert_eq!((s.key.vlan, s.l3_offset), (42, 18));
-    let qinq = syn6().vlan(ETH_P_8021AD, 100).vlan(ETH_P_8021Q, 200).build();
+    let qinq = syn6()
+        .vlan(ETH_P_8021AD, 100)
+        .vlan(ETH_P_8021Q, 200)
+        .build();
     let s = tcp(&qinq[..], 1);
-    assert_eq!((s.key.vlan, s.l3_offset, s.key.family), (100, 22, FAMILY_IPV6));
+    assert_eq!(
+        (s.key.vlan, s.l3_offset, s.key.family),
+        (100, 22, FAMILY_IPV6)
+    );
     let old = syn4().vlan(ETH_P_QINQ_9100, 5).vlan(ETH_P_8021Q, 6).build();
     assert_eq!(tcp(&old[..], 1).key.vlan, 5);
 }
 
 #[test]
 fn three_vlan_tags_are_not_followed() {
-    let f = syn4().vlan(ETH_P_8021AD, 1).vlan(ETH_P_8021Q, 2).vlan(ETH_P_8021Q, 3).build();
+    let f = syn4()
+        .vlan(ETH_P_8021AD, 1)
+        .vlan(ETH_P_8021Q, 2)
+        .vlan(ETH_P_8021Q, 3)
+        .build();
     assert_eq!(parse(&f[..], 1), Parsed::NotTcp);
 }
 
@@ -102,15 +121,40 @@ fn three_vlan_tags_are_not_followed() {
 fn ipv6_plain_and_each_extension_header() {
     let s = tcp(&syn6().build()[..], 1);
     assert_eq!((s.ip_len, s.hdr_len), (60, 60));
-    for ext in [Ext::HopByHop, Ext::Routing, Ext::DestOpts, Ext::Fragment { offset: 0, more: true }] {
+    for ext in [
+        Ext::HopByHop,
+        Ext::Routing,
+        Ext::DestOpts,
+        Ext::Fragment {
+            offset: 0,
+            more: true,
+        },
+    ] {
         let mut fr = syn6().payload(10);
-        let extra = if matches!(ext, Ext::Fragment { .. }) { 8 } else { 16 };
+        let extra = if matches!(ext, Ext::Fragment { .. }) {
+            8
+        } else {
+            16
+        };
         fr.ipv6_ext = vec![ext.clone()];
         let s = tcp(&fr.build()[..], 1);
-        assert_eq!((s.hdr_len, s.payload_len, s.ip_len), (60 + extra, 10, 70 + extra), "{ext:?}");
+        assert_eq!(
+            (s.hdr_len, s.payload_len, s.ip_len),
+            (60 + extra, 10, 70 + extra),
+            "{ext:?}"
+        );
     }
     let mut fr = syn6();
-    fr.ipv6_ext = vec![Ext::HopByHop, Ext::DestOpts, Ext::Routing, Ext::Fragment { offset: 0, more: false }, Ext::DestOpts];
+    fr.ipv6_ext = vec![
+        Ext::HopByHop,
+        Ext::DestOpts,
+        Ext::Routing,
+        Ext::Fragment {
+            offset: 0,
+            more: false,
+        },
+        Ext::DestOpts,
+    ];
     assert_eq!(tcp(&fr.build()[..], 1).hdr_len, 40 + 16 * 4 + 8 + 20);
 }
 
@@ -127,11 +171,17 @@ fn ipv6_chain_longer_than_the_bound_is_malformed() {
 fn fragments() {
     let mut fr = syn4().payload(8);
     fr.ipv4_frag = (0, true);
-    assert!(parse(&fr.build()[..], 1) == Parsed::Tcp, "first fragment has the header");
+    assert!(
+        parse(&fr.build()[..], 1) == Parsed::Tcp,
+        "first fragment has the header"
+    );
     fr.ipv4_frag = (185, false);
     assert_eq!(parse(&fr.build()[..], 1), Parsed::Fragment);
     let mut fr = syn6();
-    fr.ipv6_ext = vec![Ext::Fragment { offset: 100, more: false }];
+    fr.ipv6_ext = vec![Ext::Fragment {
+        offset: 100,
+        more: false,
+    }];
     assert_eq!(parse(&fr.build()[..], 1), Parsed::Fragment);
 }
 
@@ -156,13 +206,23 @@ fn truncation_at_every_layer() {
     v4o.ipv4_options = 8;
     v4o.tcp_options = 12;
     let mut v6e = syn6().vlan(ETH_P_8021AD, 3).vlan(ETH_P_8021Q, 4);
-    v6e.ipv6_ext = vec![Ext::HopByHop, Ext::Fragment { offset: 0, more: true }];
+    v6e.ipv6_ext = vec![
+        Ext::HopByHop,
+        Ext::Fragment {
+            offset: 0,
+            more: true,
+        },
+    ];
     v6e.tcp_options = 8;
     for fr in [syn4(), syn6(), v4o, v6e] {
         let full = fr.build();
         assert!(parse(&full[..], 1) == Parsed::Tcp);
         for cut in 0..full.len() {
-            assert_eq!(parse(&full[..cut], 1), Parsed::Malformed, "cut at {cut} of {fr:?}");
+            assert_eq!(
+                parse(&full[..cut], 1),
+                Parsed::Malformed,
+                "cut at {cut} of {fr:?}"
+            );
         }
     }
 }
@@ -224,11 +284,49 @@ fn counting_a_whole_connection() {
     assert_eq!(key.port_a, 22);
     let srv = v.dir[DIR_A_TO_B];
     let clt = v.dir[DIR_B_TO_A];
-    assert_eq!((clt.packets, clt.syn, clt.synack, clt.fin, clt.rst, clt.data_packets), (6, 1, 0, 1, 1, 1));
-    assert_eq!((srv.packets, srv.syn, srv.synack, srv.fin, srv.rst, srv.data_packets), (3, 0, 1, 1, 0, 1));
+    assert_eq!(
+        (
+            clt.packets,
+            clt.syn,
+            clt.synack,
+            clt.fin,
+            clt.rst,
+            clt.data_packets
+        ),
+        (6, 1, 0, 1, 1, 1)
+    );
+    assert_eq!(
+        (
+            srv.packets,
+            srv.syn,
+            srv.synack,
+            srv.fin,
+            srv.rst,
+            srv.data_packets
+        ),
+        (3, 0, 1, 1, 0, 1)
+    );
     assert_eq!(clt.bytes, 6 * 40 + 50);
     assert_eq!(srv.bytes, 3 * 40 + 500);
     assert_eq!((clt.first_ns, clt.last_ns), (1000, 1008));
-    assert_eq!((clt.first_syn_ns, clt.first_ack_ns, clt.first_data_ns, clt.first_fin_ns, clt.first_rst_ns), (1000, 1002, 1003, 1005, 1008));
-    assert_eq!((srv.first_synack_ns, srv.first_data_ns, srv.first_fin_ns, srv.first_rst_ns, srv.first_ack_ns), (1001, 1004, 1006, 0, 0));
+    assert_eq!(
+        (
+            clt.first_syn_ns,
+            clt.first_ack_ns,
+            clt.first_data_ns,
+            clt.first_fin_ns,
+            clt.first_rst_ns
+        ),
+        (1000, 1002, 1003, 1005, 1008)
+    );
+    assert_eq!(
+        (
+            srv.first_synack_ns,
+            srv.first_data_ns,
+            srv.first_fin_ns,
+            srv.first_rst_ns,
+            srv.first_ack_ns
+        ),
+        (1001, 1004, 1006, 0, 0)
+    );
 }

@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{TC_ACT_UNSPEC, __sk_buff, xdp_action::XDP_PASS},
+    bindings::{__sk_buff, TC_ACT_UNSPEC, xdp_action::XDP_PASS},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map, xdp},
     maps::{Array, LruHashMap, PerCpuArray},
@@ -94,7 +94,9 @@ fn config() -> Config {
 #[inline(always)]
 fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Option<(u32, u32)>) {
     bump(STAT_PACKETS);
-    let Some(seg) = SEG.get_ptr_mut(0) else { return };
+    let Some(seg) = SEG.get_ptr_mut(0) else {
+        return;
+    };
     // Safety: this CPU's scratch slot; a program runs to completion on one CPU
     // without preemption by another flowmon program on the same CPU.
     let seg = unsafe { &mut *seg };
@@ -141,13 +143,24 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
     // run; concurrent writers go through `record`'s atomics as well.
     unsafe { record(value, seg, packets, ip_bytes, now) };
     if cfg.flags & CONFIG_FLAG_LOG != 0 {
-        debug!(ctx, "tcp if={} flags={:x} dir={} sport={} dport={}", ifindex, seg.flags, seg.dir, seg.key.port_a, seg.key.port_b);
+        debug!(
+            ctx,
+            "tcp if={} flags={:x} dir={} sport={} dport={}",
+            ifindex,
+            seg.flags,
+            seg.dir,
+            seg.key.port_a,
+            seg.key.port_b
+        );
     }
 }
 
 #[xdp]
 pub fn flowmon_xdp(ctx: XdpContext) -> u32 {
-    let pkt = Direct { data: ctx.data(), end: ctx.data_end() };
+    let pkt = Direct {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
     handle(&ctx, &pkt, ctx.ingress_ifindex() as u32, None);
     XDP_PASS
 }
@@ -158,7 +171,10 @@ pub fn flowmon_tc(ctx: TcContext) -> i32 {
     // Safety: the context pointer the kernel handed us; these fields are
     // readable by TC programs.
     let (ifindex, segs, len) = unsafe { ((*skb).ifindex, (*skb).gso_segs, (*skb).len) };
-    let pkt = Direct { data: ctx.data(), end: ctx.data_end() };
+    let pkt = Direct {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
     handle(&ctx, &pkt, ifindex, Some((segs, len)));
     // "No opinion": the packet continues to any later filter, then out.
     TC_ACT_UNSPEC

@@ -57,6 +57,8 @@ mod tests {
     #[test]
     fn sys_admin_covers_bpf_and_perfmon() {
         assert_eq!(missing_from(1 << CAP_SYS_ADMIN), ["CAP_NET_ADMIN"]);
-        assert!(missing_from((1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_PERFMON)).is_empty());
+        assert!(
+            missing_from((1 << CAP_BPF) | (1 << CAP_NET_ADMIN) | (1 << CAP_PERFMON)).is_empty()
+        );
     }
 }

@@ -76,7 +76,8 @@ pub fn names() -> HashMap<u32, String> {
 mod tests {
     use super::*;
 
-    const ROUTE: &str = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+    const ROUTE: &str =
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
 eth1\t00000000\t0102A8C0\t0003\t0\t0\t200\t00000000\t0\t0\t0
 eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0
 eth0\t0001A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0
@@ -89,7 +90,18 @@ eth0\t0001A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0
 
     #[test]
     fn no_default_route() {
-        assert_eq!(default_v4(ROUTE.lines().take(1).chain(ROUTE.lines().skip(3)).collect::<Vec<_>>().join("\n").as_str()), None);
+        assert_eq!(
+            default_v4(
+                ROUTE
+                    .lines()
+                    .take(1)
+                    .chain(ROUTE.lines().skip(3))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .as_str()
+            ),
+            None
+        );
     }
 
     #[test]

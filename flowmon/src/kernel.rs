@@ -81,7 +81,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { max_flows: DEFAULT_MAX_FLOWS, kernel_log: false }
+        Self {
+            max_flows: DEFAULT_MAX_FLOWS,
+            kernel_log: false,
+        }
     }
 }
 
@@ -114,7 +117,9 @@ impl Kernel {
             .load(OBJECT)
             .map_err(KernelError::Load)?;
         for name in [XDP_PROGRAM, TC_PROGRAM] {
-            let prog = ebpf.program_mut(name).expect("program compiled into the object");
+            let prog = ebpf
+                .program_mut(name)
+                .expect("program compiled into the object");
             let res = match prog {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SchedClassifier(p) => p.load(),
@@ -122,7 +127,11 @@ impl Kernel {
             };
             res.map_err(|e| KernelError::Load(aya::EbpfError::ProgramError(e)))?;
         }
-        let mut kernel = Self { ebpf, config: Config::default(), attached: Vec::new() };
+        let mut kernel = Self {
+            ebpf,
+            config: Config::default(),
+            attached: Vec::new(),
+        };
         if opts.kernel_log {
             kernel.config.flags |= CONFIG_FLAG_LOG;
         }
@@ -136,23 +145,41 @@ impl Kernel {
     }
 
     /// Attaches XDP (ingress) and TC egress to `name`.
-    pub fn attach(&mut self, name: &str, mode: XdpAttach, replace: bool) -> Result<Attached, KernelError> {
-        let ifindex = iface::index(name).ok_or_else(|| KernelError::UnknownInterface { iface: name.to_string() })?;
+    pub fn attach(
+        &mut self,
+        name: &str,
+        mode: XdpAttach,
+        replace: bool,
+    ) -> Result<Attached, KernelError> {
+        let ifindex = iface::index(name).ok_or_else(|| KernelError::UnknownInterface {
+            iface: name.to_string(),
+        })?;
         let xdp_mode = self.attach_xdp(name, ifindex, mode, replace)?;
         // clsact is only needed before TCX (Linux 6.6); an existing one is fine.
         let _ = tc::qdisc_add_clsact(ifindex);
         let prog: &mut SchedClassifier = self.program_mut(TC_PROGRAM)?;
-        prog.attach(ifindex, TcAttachType::Egress).map_err(|source| KernelError::Attach {
-            what: "attaching the TC egress",
+        prog.attach(ifindex, TcAttachType::Egress)
+            .map_err(|source| KernelError::Attach {
+                what: "attaching the TC egress",
+                iface: name.to_string(),
+                source,
+            })?;
+        let a = Attached {
             iface: name.to_string(),
-            source,
-        })?;
-        let a = Attached { iface: name.to_string(), ifindex, xdp_mode };
+            ifindex,
+            xdp_mode,
+        };
         self.attached.push(a.clone());
         Ok(a)
     }
 
-    fn attach_xdp(&mut self, name: &str, ifindex: u32, mode: XdpAttach, replace: bool) -> Result<&'static str, KernelError> {
+    fn attach_xdp(
+        &mut self,
+        name: &str,
+        ifindex: u32,
+        mode: XdpAttach,
+        replace: bool,
+    ) -> Result<&'static str, KernelError> {
         let tries: &[(XdpMode, &'static str)] = match mode {
             XdpAttach::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
             XdpAttach::Native => &[(XdpMode::Driver, "native")],
@@ -169,7 +196,10 @@ impl Kernel {
                 Err(e) if errno(&e) == Some(libc::EBUSY) || errno(&e) == Some(libc::EEXIST) => {
                     let existing = existing_xdp(name).unwrap_or_else(|| "unknown program".into());
                     if !replace || replaced {
-                        return Err(KernelError::XdpInUse { iface: name.to_string(), existing });
+                        return Err(KernelError::XdpInUse {
+                            iface: name.to_string(),
+                            existing,
+                        });
                     }
                     remove_xdp(name);
                     replaced = true;
@@ -198,12 +228,18 @@ impl Kernel {
 
     /// The XDP program, for `BPF_PROG_TEST_RUN`.
     pub fn xdp(&self) -> &Xdp {
-        self.ebpf.program(XDP_PROGRAM).and_then(|p| p.try_into().ok()).expect("XDP program in the object")
+        self.ebpf
+            .program(XDP_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("XDP program in the object")
     }
 
     /// The TC program, for `BPF_PROG_TEST_RUN`.
     pub fn tc(&self) -> &SchedClassifier {
-        self.ebpf.program(TC_PROGRAM).and_then(|p| p.try_into().ok()).expect("TC program in the object")
+        self.ebpf
+            .program(TC_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("TC program in the object")
     }
 
     /// Makes the programs use `ns` as the packet time instead of the kernel
@@ -214,24 +250,45 @@ impl Kernel {
     }
 
     fn write_config(&mut self) -> Result<(), KernelError> {
-        let map = self.ebpf.map_mut(CONFIG_MAP).ok_or(KernelError::MapMissing { map: CONFIG_MAP })?;
+        let map = self
+            .ebpf
+            .map_mut(CONFIG_MAP)
+            .ok_or(KernelError::MapMissing { map: CONFIG_MAP })?;
         let mut arr: Array<&mut MapData, Config> =
-            Array::try_from(map).map_err(|source| KernelError::Map { map: CONFIG_MAP, source })?;
-        arr.set(0, &self.config, 0).map_err(|source| KernelError::Map { map: CONFIG_MAP, source })
+            Array::try_from(map).map_err(|source| KernelError::Map {
+                map: CONFIG_MAP,
+                source,
+            })?;
+        arr.set(0, &self.config, 0)
+            .map_err(|source| KernelError::Map {
+                map: CONFIG_MAP,
+                source,
+            })
     }
 
     /// Every entry of the flow table. Entries that vanish while the table is
     /// walked (LRU eviction) are skipped, not reported as errors.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
-        let map = self.ebpf.map(FLOWS_MAP).ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
+        let map = self
+            .ebpf
+            .map(FLOWS_MAP)
+            .ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
         let table: HashMap<&MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(|source| KernelError::Map { map: FLOWS_MAP, source })?;
+            HashMap::try_from(map).map_err(|source| KernelError::Map {
+                map: FLOWS_MAP,
+                source,
+            })?;
         let mut out = Vec::new();
         for entry in table.iter() {
             match entry {
                 Ok(kv) => out.push(kv),
                 Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(source) => return Err(KernelError::Map { map: FLOWS_MAP, source }),
+                Err(source) => {
+                    return Err(KernelError::Map {
+                        map: FLOWS_MAP,
+                        source,
+                    });
+                }
             }
         }
         Ok(out)
@@ -239,12 +296,21 @@ impl Kernel {
 
     /// The global counters, summed over CPUs, indexed by `flowmon_common::stats`.
     pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize], KernelError> {
-        let map = self.ebpf.map(STATS_MAP).ok_or(KernelError::MapMissing { map: STATS_MAP })?;
+        let map = self
+            .ebpf
+            .map(STATS_MAP)
+            .ok_or(KernelError::MapMissing { map: STATS_MAP })?;
         let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| KernelError::Map { map: STATS_MAP, source })?;
+            PerCpuArray::try_from(map).map_err(|source| KernelError::Map {
+                map: STATS_MAP,
+                source,
+            })?;
         let mut out = [0u64; STAT_COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let per_cpu = arr.get(&(i as u32), 0).map_err(|source| KernelError::Map { map: STATS_MAP, source })?;
+            let per_cpu = arr.get(&(i as u32), 0).map_err(|source| KernelError::Map {
+                map: STATS_MAP,
+                source,
+            })?;
             *slot = per_cpu.iter().sum();
         }
         Ok(out)
@@ -260,7 +326,9 @@ fn errno(e: &ProgramError) -> Option<i32> {
     match e {
         ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
         ProgramError::XdpError(aya::programs::xdp::XdpError::NetlinkError(n)) => {
-            std::error::Error::source(n).and_then(|s| s.downcast_ref::<io::Error>()).and_then(io::Error::raw_os_error)
+            std::error::Error::source(n)
+                .and_then(|s| s.downcast_ref::<io::Error>())
+                .and_then(io::Error::raw_os_error)
         }
         _ => None,
     }
@@ -268,7 +336,10 @@ fn errno(e: &ProgramError) -> Option<i32> {
 
 /// Names the XDP program already on `iface`, from iproute2's JSON.
 fn existing_xdp(iface: &str) -> Option<String> {
-    let out = Command::new("ip").args(["-j", "-d", "link", "show", "dev", iface]).output().ok()?;
+    let out = Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", iface])
+        .output()
+        .ok()?;
     existing_xdp_from_json(&out.stdout)
 }
 
@@ -276,7 +347,9 @@ fn existing_xdp(iface: &str) -> Option<String> {
 pub fn existing_xdp_from_json(json: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(json).ok()?;
     let xdp = v.get(0)?.get("xdp")?;
-    let prog = xdp.get("prog").or_else(|| xdp.get("attached")?.get(0)?.get("prog"))?;
+    let prog = xdp
+        .get("prog")
+        .or_else(|| xdp.get("attached")?.get(0)?.get("prog"))?;
     let id = prog.get("id")?.as_u64()?;
     let name = prog.get("name").and_then(|n| n.as_str()).unwrap_or("?");
     Some(format!("program {name:?}, id {id}"))
@@ -286,14 +359,19 @@ pub fn existing_xdp_from_json(json: &[u8]) -> Option<String> {
 /// through a BPF link cannot be removed this way, and the retry then reports it.
 fn remove_xdp(iface: &str) {
     for mode in ["xdp", "xdpgeneric", "xdpdrv"] {
-        let _ = Command::new("ip").args(["link", "set", "dev", iface, mode, "off"]).status();
+        let _ = Command::new("ip")
+            .args(["link", "set", "dev", iface, mode, "off"])
+            .status();
     }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so a large
 /// flow table loads there too. Newer kernels use memory cgroups and ignore it.
 fn raise_memlock_limit() {
-    let r = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let r = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // Safety: plain syscall with a valid pointer.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
 }
@@ -305,9 +383,15 @@ mod tests {
     #[test]
     fn names_an_attached_xdp_program() {
         let json = br#"[{"ifindex":2,"ifname":"eth0","xdp":{"mode":1,"prog":{"id":42,"name":"xdp_dummy","tag":"ab"}}}]"#;
-        assert_eq!(existing_xdp_from_json(json).as_deref(), Some(r#"program "xdp_dummy", id 42"#));
+        assert_eq!(
+            existing_xdp_from_json(json).as_deref(),
+            Some(r#"program "xdp_dummy", id 42"#)
+        );
         let multi = br#"[{"xdp":{"mode":3,"attached":[{"mode":1,"prog":{"id":7,"name":"x"}}]}}]"#;
-        assert_eq!(existing_xdp_from_json(multi).as_deref(), Some(r#"program "x", id 7"#));
+        assert_eq!(
+            existing_xdp_from_json(multi).as_deref(),
+            Some(r#"program "x", id 7"#)
+        );
         assert_eq!(existing_xdp_from_json(br#"[{"ifname":"lo"}]"#), None);
     }
 }

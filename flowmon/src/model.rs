@@ -28,7 +28,12 @@ pub struct Conn {
 impl Conn {
     pub fn new(key: FlowKey, value: FlowValue) -> Self {
         let (client_dir, direction_guessed) = orient(&key, &value);
-        Self { key, value, client_dir, direction_guessed }
+        Self {
+            key,
+            value,
+            client_dir,
+            direction_guessed,
+        }
     }
 
     fn endpoint(&self, dir: usize) -> (IpAddr, u16) {
@@ -66,7 +71,14 @@ pub fn orient(key: &FlowKey, v: &FlowValue) -> (usize, bool) {
         (false, true) => return (DIR_B_TO_A, false),
         // Simultaneous open: the earlier SYN opened it.
         (true, true) => {
-            return (if a.first_syn_ns <= b.first_syn_ns { DIR_A_TO_B } else { DIR_B_TO_A }, false);
+            return (
+                if a.first_syn_ns <= b.first_syn_ns {
+                    DIR_A_TO_B
+                } else {
+                    DIR_B_TO_A
+                },
+                false,
+            );
         }
         (false, false) => {}
     }
@@ -81,7 +93,10 @@ pub fn orient(key: &FlowKey, v: &FlowValue) -> (usize, bool) {
 /// The server is the side with a well-known port when only one has one,
 /// else the side with the lower port (ephemeral ports are allocated high).
 fn guess_by_port(port_a: u16, port_b: u16) -> usize {
-    let (wa, wb) = (port_a < WELL_KNOWN_PORT_LIMIT, port_b < WELL_KNOWN_PORT_LIMIT);
+    let (wa, wb) = (
+        port_a < WELL_KNOWN_PORT_LIMIT,
+        port_b < WELL_KNOWN_PORT_LIMIT,
+    );
     let a_is_server = match (wa, wb) {
         (true, false) => true,
         (false, true) => false,
@@ -95,7 +110,12 @@ mod tests {
     use super::*;
 
     fn key(port_a: u16, port_b: u16) -> FlowKey {
-        FlowKey { port_a, port_b, family: 4, ..Default::default() }
+        FlowKey {
+            port_a,
+            port_b,
+            family: 4,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -87,14 +87,26 @@ impl Tracker {
             }
         }
         changed.sort_by_key(|c| std::cmp::Reverse(c.value.dir[0].packets + c.value.dir[1].packets));
-        let interval_ms = self.prev_time_unix_ms.map_or(0, |p| time_unix_ms.saturating_sub(p));
+        let interval_ms = self
+            .prev_time_unix_ms
+            .map_or(0, |p| time_unix_ms.saturating_sub(p));
         let flows_active = flows.len();
         // The kernel never deletes entries itself except through LRU eviction,
         // so whatever it created and no longer holds was evicted.
         let flows_evicted = totals[STAT_FLOWS_CREATED as usize].saturating_sub(flows_active as u64);
         self.prev = flows.into_iter().collect();
         self.prev_time_unix_ms = Some(time_unix_ms);
-        Poll { time_unix_ms, interval_ms, ifaces, totals, flows_evicted, flows_active, flows_new, delta, changed }
+        Poll {
+            time_unix_ms,
+            interval_ms,
+            ifaces,
+            totals,
+            flows_evicted,
+            flows_active,
+            flows_new,
+            delta,
+            changed,
+        }
     }
 }
 
@@ -107,10 +119,16 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Self {
-        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-        let real = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).expect("CLOCK_REALTIME");
-        let ns = |t: nix::sys::time::TimeSpec| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec());
-        Self { offset_ns: ns(real) - ns(mono) }
+        let mono =
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+        let real =
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).expect("CLOCK_REALTIME");
+        let ns = |t: nix::sys::time::TimeSpec| {
+            i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+        };
+        Self {
+            offset_ns: ns(real) - ns(mono),
+        }
     }
 
     /// Seconds since the Unix epoch for kernel time `ns`; `None` for 0 ("never").
@@ -124,7 +142,11 @@ pub fn conn_json(c: &Conn, iface: &str, clock: &Clock) -> Value {
     let (cip, cport) = c.client();
     let (sip, sport) = c.server();
     let (clt, srv) = (c.clt(), c.srv());
-    let first = [clt.first_ns, srv.first_ns].into_iter().filter(|&t| t != 0).min().unwrap_or(0);
+    let first = [clt.first_ns, srv.first_ns]
+        .into_iter()
+        .filter(|&t| t != 0)
+        .min()
+        .unwrap_or(0);
     let last = clt.last_ns.max(srv.last_ns);
     let mut m = Map::new();
     let mut put = |k: &str, v: Value| {
@@ -162,7 +184,9 @@ pub fn conn_json(c: &Conn, iface: &str, clock: &Clock) -> Value {
 }
 
 fn iface_name<'a>(names: &'a HashMap<u32, String>, ifindex: u32) -> std::borrow::Cow<'a, str> {
-    names.get(&ifindex).map_or_else(|| ifindex.to_string().into(), |n| n.as_str().into())
+    names
+        .get(&ifindex)
+        .map_or_else(|| ifindex.to_string().into(), |n| n.as_str().into())
 }
 
 /// The poll as one JSON object (`flowmon run --json`, one per line).
@@ -250,7 +274,13 @@ mod tests {
     use super::*;
 
     fn flow(port_b: u16, clt_pkts: u64, srv_pkts: u64) -> (FlowKey, FlowValue) {
-        let mut k = FlowKey { port_a: 80, port_b, family: 4, ifindex: 3, ..Default::default() };
+        let mut k = FlowKey {
+            port_a: 80,
+            port_b,
+            family: 4,
+            ifindex: 3,
+            ..Default::default()
+        };
         k.addr_a[..4].copy_from_slice(&[10, 0, 0, 1]);
         k.addr_b[..4].copy_from_slice(&[10, 0, 0, 2]);
         let mut v = FlowValue::default();
@@ -273,14 +303,44 @@ mod tests {
     #[test]
     fn deltas_count_only_what_is_new() {
         let mut tr = Tracker::default();
-        let p = tr.poll(vec![flow(40000, 3, 2)], totals(1), vec!["veth0".into()], 10_000);
-        assert_eq!((p.flows_new, p.delta.packets, p.delta.syn, p.delta.synack, p.delta.rst), (1, 5, 1, 1, 1));
-        let p = tr.poll(vec![flow(40000, 5, 2), flow(40001, 1, 1)], totals(2), vec!["veth0".into()], 11_000);
-        assert_eq!((p.flows_new, p.delta.packets, p.delta.syn, p.interval_ms), (1, 4, 1, 1000));
+        let p = tr.poll(
+            vec![flow(40000, 3, 2)],
+            totals(1),
+            vec!["veth0".into()],
+            10_000,
+        );
+        assert_eq!(
+            (
+                p.flows_new,
+                p.delta.packets,
+                p.delta.syn,
+                p.delta.synack,
+                p.delta.rst
+            ),
+            (1, 5, 1, 1, 1)
+        );
+        let p = tr.poll(
+            vec![flow(40000, 5, 2), flow(40001, 1, 1)],
+            totals(2),
+            vec!["veth0".into()],
+            11_000,
+        );
+        assert_eq!(
+            (p.flows_new, p.delta.packets, p.delta.syn, p.interval_ms),
+            (1, 4, 1, 1000)
+        );
         assert_eq!(p.changed.len(), 2);
         assert_eq!(p.changed[0].key.port_b, 40000, "busiest first");
-        let p = tr.poll(vec![flow(40000, 5, 2), flow(40001, 1, 1)], totals(2), vec!["veth0".into()], 12_000);
-        assert_eq!((p.delta, p.changed.len(), p.flows_evicted), (Counts::default(), 0, 0));
+        let p = tr.poll(
+            vec![flow(40000, 5, 2), flow(40001, 1, 1)],
+            totals(2),
+            vec!["veth0".into()],
+            12_000,
+        );
+        assert_eq!(
+            (p.delta, p.changed.len(), p.flows_evicted),
+            (Counts::default(), 0, 0)
+        );
     }
 
     #[test]
@@ -293,9 +353,16 @@ mod tests {
     #[test]
     fn json_uses_the_connection_vocabulary() {
         let mut tr = Tracker::default();
-        let p = tr.poll(vec![flow(40000, 3, 2)], totals(1), vec!["veth0".into()], 10_000);
+        let p = tr.poll(
+            vec![flow(40000, 3, 2)],
+            totals(1),
+            vec!["veth0".into()],
+            10_000,
+        );
         let names = HashMap::from([(3, "veth0".to_string())]);
-        let clock = Clock { offset_ns: 1_700_000_000_000_000_000 };
+        let clock = Clock {
+            offset_ns: 1_700_000_000_000_000_000,
+        };
         let j = poll_json(&p, &names, &clock);
         let c = &j["changed"][0];
         assert_eq!(c["client.ip"], "10.0.0.2");
@@ -303,8 +370,18 @@ mod tests {
         assert_eq!(c["server.ip"], "10.0.0.1");
         assert_eq!(c["server.port"], 80);
         assert_eq!(c["iface"], "veth0");
-        assert_eq!((c["pkts.clt"].as_u64(), c["pkts.srv"].as_u64()), (Some(3), Some(2)));
-        assert_eq!((c["syn.count.clt"].as_u64(), c["rst.count.srv"].as_u64(), c["rst.count"].as_u64()), (Some(1), Some(1), Some(1)));
+        assert_eq!(
+            (c["pkts.clt"].as_u64(), c["pkts.srv"].as_u64()),
+            (Some(3), Some(2))
+        );
+        assert_eq!(
+            (
+                c["syn.count.clt"].as_u64(),
+                c["rst.count.srv"].as_u64(),
+                c["rst.count"].as_u64()
+            ),
+            (Some(1), Some(1), Some(1))
+        );
         assert_eq!(c["first_seen"].as_f64(), Some(1_700_000_001.0));
         assert_eq!(c["duration"].as_f64(), Some(2.5));
         assert_eq!(c["direction_guessed"], false);
@@ -315,7 +392,12 @@ mod tests {
     #[test]
     fn text_names_client_then_server() {
         let mut tr = Tracker::default();
-        let p = tr.poll(vec![flow(40000, 3, 2)], totals(1), vec!["veth0".into()], 3_600_000 + 61_000);
+        let p = tr.poll(
+            vec![flow(40000, 3, 2)],
+            totals(1),
+            vec!["veth0".into()],
+            3_600_000 + 61_000,
+        );
         let names = HashMap::from([(3, "veth0".to_string())]);
         let text = poll_text(&p, &names, 10);
         assert_eq!(

@@ -18,7 +18,11 @@ const XDP_PASS: u32 = 2;
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 
 fn load() -> Kernel {
-    Kernel::load(LoadOptions { max_flows: 1024, kernel_log: false }).expect("load flowmon's programs (are you root?)")
+    Kernel::load(LoadOptions {
+        max_flows: 1024,
+        kernel_log: false,
+    })
+    .expect("load flowmon's programs (are you root?)")
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -28,9 +32,20 @@ fn ip(s: &str) -> IpAddr {
 /// Runs `frame` through XDP and checks it passed unchanged.
 fn xdp(k: &Kernel, frame: &[u8]) {
     let mut out = vec![0u8; frame.len() + 256];
-    let r = k.xdp().test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() }).expect("XDP test run");
+    let r = k
+        .xdp()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("XDP test run");
     assert_eq!(r.return_value, XDP_PASS, "XDP must pass every packet");
-    assert_eq!(&out[..r.data_size_out as usize], frame, "XDP must not alter the packet");
+    assert_eq!(
+        &out[..r.data_size_out as usize],
+        frame,
+        "XDP must not alter the packet"
+    );
 }
 
 /// Runs `frame` through the TC program as an skb with `gso_segs` set.
@@ -47,10 +62,22 @@ fn tc(k: &Kernel, frame: &[u8], gso_segs: u32) {
     let ctx_in = (gso_segs > 0).then_some(&ctx[..]);
     let r = k
         .tc()
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in, ..Default::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in,
+            ..Default::default()
+        })
         .expect("TC test run");
-    assert_eq!(r.return_value, TC_ACT_UNSPEC, "TC must leave the verdict to others");
-    assert_eq!(&out[..r.data_size_out as usize], frame, "TC must not alter the packet");
+    assert_eq!(
+        r.return_value, TC_ACT_UNSPEC,
+        "TC must leave the verdict to others"
+    );
+    assert_eq!(
+        &out[..r.data_size_out as usize],
+        frame,
+        "TC must not alter the packet"
+    );
 }
 
 fn only_flow(k: &Kernel) -> (flowmon_common::flow::FlowKey, FlowValue) {
@@ -63,10 +90,26 @@ fn stats(k: &Kernel) -> [u64; STAT_COUNT as usize] {
     k.stats().unwrap()
 }
 
-fn expect_stats(k: &Kernel, packets: u64, tcp: u64, non_tcp: u64, malformed: u64, fragments: u64, created: u64) {
+fn expect_stats(
+    k: &Kernel,
+    packets: u64,
+    tcp: u64,
+    non_tcp: u64,
+    malformed: u64,
+    fragments: u64,
+    created: u64,
+) {
     let s = stats(k);
     assert_eq!(
-        [s[STAT_PACKETS as usize], s[STAT_TCP as usize], s[STAT_NON_TCP as usize], s[STAT_MALFORMED as usize], s[STAT_FRAGMENTS as usize], s[STAT_FLOWS_CREATED as usize], s[STAT_INSERT_FAILED as usize]],
+        [
+            s[STAT_PACKETS as usize],
+            s[STAT_TCP as usize],
+            s[STAT_NON_TCP as usize],
+            s[STAT_MALFORMED as usize],
+            s[STAT_FRAGMENTS as usize],
+            s[STAT_FLOWS_CREATED as usize],
+            s[STAT_INSERT_FAILED as usize]
+        ],
         [packets, tcp, non_tcp, malformed, fragments, created, 0],
         "packets, tcp, non_tcp, malformed, fragments, flows_created, insert_failed"
     );
@@ -83,21 +126,69 @@ fn ipv4_connection_through_both_programs() {
     k.set_clock_override(2_000).unwrap();
     xdp(&k, &Frame::tcp(s, 80, c, 40000, TCP_SYN | TCP_ACK).build());
     k.set_clock_override(3_000).unwrap();
-    tc(&k, &Frame::tcp(c, 40000, s, 80, TCP_ACK).payload(100).build(), 0);
-    xdp(&k, &Frame::tcp(s, 80, c, 40000, TCP_ACK).payload(1000).build());
+    tc(
+        &k,
+        &Frame::tcp(c, 40000, s, 80, TCP_ACK).payload(100).build(),
+        0,
+    );
+    xdp(
+        &k,
+        &Frame::tcp(s, 80, c, 40000, TCP_ACK).payload(1000).build(),
+    );
     k.set_clock_override(4_000).unwrap();
-    tc(&k, &Frame::tcp(c, 40000, s, 80, TCP_FIN | TCP_ACK).build(), 0);
+    tc(
+        &k,
+        &Frame::tcp(c, 40000, s, 80, TCP_FIN | TCP_ACK).build(),
+        0,
+    );
     k.set_clock_override(5_000).unwrap();
     xdp(&k, &Frame::tcp(s, 80, c, 40000, TCP_RST).build());
     let (key, v) = only_flow(&k);
-    assert_eq!((key.port_a, key.port_b, key.family, key.ifindex), (80, 40000, 4, 1));
+    assert_eq!(
+        (key.port_a, key.port_b, key.family, key.ifindex),
+        (80, 40000, 4, 1)
+    );
     assert_eq!(&key.addr_a[..4], &[10, 1, 0, 1]);
     let clt = v.dir[DIR_B_TO_A];
     let srv = v.dir[DIR_A_TO_B];
-    assert_eq!((clt.packets, clt.bytes, clt.syn, clt.synack, clt.fin, clt.rst, clt.data_packets), (3, 40 + 140 + 40, 1, 0, 1, 0, 1));
-    assert_eq!((srv.packets, srv.bytes, srv.syn, srv.synack, srv.fin, srv.rst, srv.data_packets), (3, 40 + 1040 + 40, 0, 1, 0, 1, 1));
-    assert_eq!((clt.first_ns, clt.last_ns, clt.first_syn_ns, clt.first_data_ns, clt.first_fin_ns), (1_000, 4_000, 1_000, 3_000, 4_000));
-    assert_eq!((srv.first_synack_ns, srv.first_rst_ns, srv.last_ns), (2_000, 5_000, 5_000));
+    assert_eq!(
+        (
+            clt.packets,
+            clt.bytes,
+            clt.syn,
+            clt.synack,
+            clt.fin,
+            clt.rst,
+            clt.data_packets
+        ),
+        (3, 40 + 140 + 40, 1, 0, 1, 0, 1)
+    );
+    assert_eq!(
+        (
+            srv.packets,
+            srv.bytes,
+            srv.syn,
+            srv.synack,
+            srv.fin,
+            srv.rst,
+            srv.data_packets
+        ),
+        (3, 40 + 1040 + 40, 0, 1, 0, 1, 1)
+    );
+    assert_eq!(
+        (
+            clt.first_ns,
+            clt.last_ns,
+            clt.first_syn_ns,
+            clt.first_data_ns,
+            clt.first_fin_ns
+        ),
+        (1_000, 4_000, 1_000, 3_000, 4_000)
+    );
+    assert_eq!(
+        (srv.first_synack_ns, srv.first_rst_ns, srv.last_ns),
+        (2_000, 5_000, 5_000)
+    );
     expect_stats(&k, 6, 6, 0, 0, 0, 1);
 }
 
@@ -106,8 +197,26 @@ fn ipv4_connection_through_both_programs() {
 fn ipv6_with_each_extension_header() {
     let k = load();
     let (c, s) = (ip("fd00::2"), ip("fd00::1"));
-    let exts = [vec![], vec![Ext::HopByHop], vec![Ext::Routing], vec![Ext::DestOpts], vec![Ext::Fragment { offset: 0, more: true }],
-        vec![Ext::HopByHop, Ext::DestOpts, Ext::Routing, Ext::Fragment { offset: 0, more: false }, Ext::DestOpts]];
+    let exts = [
+        vec![],
+        vec![Ext::HopByHop],
+        vec![Ext::Routing],
+        vec![Ext::DestOpts],
+        vec![Ext::Fragment {
+            offset: 0,
+            more: true,
+        }],
+        vec![
+            Ext::HopByHop,
+            Ext::DestOpts,
+            Ext::Routing,
+            Ext::Fragment {
+                offset: 0,
+                more: false,
+            },
+            Ext::DestOpts,
+        ],
+    ];
     for ext in &exts {
         let mut f = Frame::tcp(c, 50000, s, 443, TCP_ACK).payload(10);
         f.ipv6_ext = ext.clone();
@@ -117,7 +226,10 @@ fn ipv6_with_each_extension_header() {
     assert_eq!((key.family, key.port_a), (6, 443));
     let clt = v.dir[DIR_B_TO_A];
     let ext_bytes: u64 = 16 + 16 + 16 + 8 + (16 * 4 + 8);
-    assert_eq!((clt.packets, clt.data_packets, clt.bytes), (6, 6, 6 * 70 + ext_bytes));
+    assert_eq!(
+        (clt.packets, clt.data_packets, clt.bytes),
+        (6, 6, 6 * 70 + ext_bytes)
+    );
     expect_stats(&k, 6, 6, 0, 0, 0, 1);
 }
 
@@ -126,15 +238,29 @@ fn ipv6_with_each_extension_header() {
 fn vlan_qinq_and_ipv4_options() {
     let k = load();
     let (c, s) = (ip("192.0.2.2"), ip("192.0.2.1"));
-    xdp(&k, &Frame::tcp(c, 1234, s, 22, TCP_SYN).vlan(ETH_P_8021Q, 10).build());
-    xdp(&k, &Frame::tcp(c, 1234, s, 22, TCP_SYN).vlan(ETH_P_8021AD, 20).vlan(ETH_P_8021Q, 30).build());
+    xdp(
+        &k,
+        &Frame::tcp(c, 1234, s, 22, TCP_SYN)
+            .vlan(ETH_P_8021Q, 10)
+            .build(),
+    );
+    xdp(
+        &k,
+        &Frame::tcp(c, 1234, s, 22, TCP_SYN)
+            .vlan(ETH_P_8021AD, 20)
+            .vlan(ETH_P_8021Q, 30)
+            .build(),
+    );
     let mut opt = Frame::tcp(c, 1234, s, 22, TCP_SYN);
     opt.ipv4_options = 20;
     opt.tcp_options = 20;
     xdp(&k, &opt.build());
     let mut flows = k.flows().unwrap();
     flows.sort_by_key(|(k, _)| k.vlan);
-    let vlans: Vec<(u16, u32, u64)> = flows.iter().map(|(k, v)| (k.vlan, v.dir[DIR_B_TO_A].syn, v.dir[DIR_B_TO_A].bytes)).collect();
+    let vlans: Vec<(u16, u32, u64)> = flows
+        .iter()
+        .map(|(k, v)| (k.vlan, v.dir[DIR_B_TO_A].syn, v.dir[DIR_B_TO_A].bytes))
+        .collect();
     assert_eq!(vlans, [(0, 1, 80), (10, 1, 40), (20, 1, 40)]);
     expect_stats(&k, 3, 3, 0, 0, 0, 3);
 }
@@ -149,7 +275,10 @@ fn fragments_non_tcp_and_truncation_are_counted_and_passed() {
     f4.ipv4_frag = (10, false);
     xdp(&k, &f4.build());
     let mut f6 = Frame::tcp(ip("fd00::2"), 1, ip("fd00::1"), 2, 0).payload(100);
-    f6.ipv6_ext = vec![Ext::Fragment { offset: 10, more: true }];
+    f6.ipv6_ext = vec![Ext::Fragment {
+        offset: 10,
+        more: true,
+    }];
     tc(&k, &f6.build(), 0);
     // Non-TCP: UDP, ICMPv6, ARP.
     let mut udp = Frame::tcp(c, 53, s, 53, 0);
@@ -168,8 +297,16 @@ fn fragments_non_tcp_and_truncation_are_counted_and_passed() {
     let mut v4 = Frame::tcp(c, 5, s, 6, TCP_SYN).vlan(ETH_P_8021Q, 3);
     v4.ipv4_options = 8;
     v4.tcp_options = 12;
-    let mut v6 = Frame::tcp(ip("fd00::2"), 5, ip("fd00::1"), 6, TCP_SYN).vlan(ETH_P_8021AD, 1).vlan(ETH_P_8021Q, 2);
-    v6.ipv6_ext = vec![Ext::HopByHop, Ext::Fragment { offset: 0, more: true }];
+    let mut v6 = Frame::tcp(ip("fd00::2"), 5, ip("fd00::1"), 6, TCP_SYN)
+        .vlan(ETH_P_8021AD, 1)
+        .vlan(ETH_P_8021Q, 2);
+    v6.ipv6_ext = vec![
+        Ext::HopByHop,
+        Ext::Fragment {
+            offset: 0,
+            more: true,
+        },
+    ];
     v6.tcp_options = 8;
     let mut cuts = 0;
     for f in [v4.build(), v6.build()] {
@@ -181,7 +318,10 @@ fn fragments_non_tcp_and_truncation_are_counted_and_passed() {
         }
     }
     expect_stats(&k, 5 + cuts, 0, 3, cuts, 2, 0);
-    assert!(k.flows().unwrap().is_empty(), "nothing malformed may create a flow");
+    assert!(
+        k.flows().unwrap().is_empty(),
+        "nothing malformed may create a flow"
+    );
 }
 
 #[test]
@@ -191,8 +331,15 @@ fn gso_super_packet_counts_wire_segments() {
     let (c, s) = (ip("10.2.0.2"), ip("10.2.0.1"));
     // One 3-segment GSO skb of 3 * 1000 payload bytes (a test frame must fit
     // one page): 3 wire packets, each with its own 40 bytes of IP and TCP header.
-    tc(&k, &Frame::tcp(c, 999, s, 80, TCP_ACK).payload(3000).build(), 3);
+    tc(
+        &k,
+        &Frame::tcp(c, 999, s, 80, TCP_ACK).payload(3000).build(),
+        3,
+    );
     let (_, v) = only_flow(&k);
     let clt = v.dir[DIR_B_TO_A];
-    assert_eq!((clt.packets, clt.data_packets, clt.bytes), (3, 3, 3000 + 3 * 40));
+    assert_eq!(
+        (clt.packets, clt.data_packets, clt.bytes),
+        (3, 3, 3000 + 3 * 40)
+    );
 }
