@@ -155,8 +155,12 @@ impl Kernel {
             iface: name.to_string(),
         })?;
         let xdp_mode = self.attach_xdp(name, ifindex, mode, replace)?;
-        // clsact is only needed before TCX (Linux 6.6); an existing one is fine.
-        let _ = tc::qdisc_add_clsact(ifindex);
+        // Before TCX (Linux 6.6) TC programs hang off a clsact qdisc; an
+        // existing one is fine. With TCX nothing is created, so nothing stays.
+        let tcx = aya::util::KernelVersion::new(6, 6, 0);
+        if aya::util::KernelVersion::current().is_ok_and(|v| v < tcx) {
+            let _ = tc::qdisc_add_clsact(ifindex);
+        }
         let prog: &mut SchedClassifier = self.program_mut(TC_PROGRAM)?;
         prog.attach(ifindex, TcAttachType::Egress)
             .map_err(|source| KernelError::Attach {

@@ -1,0 +1,221 @@
+//! `flowmon run`: load, attach, poll the maps every interval, print a summary.
+
+use std::{
+    io::{self, Write as _},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use flowmon::{
+    iface,
+    kernel::{Kernel, LoadOptions, XdpAttach},
+    summary::{self, Clock, Tracker},
+};
+use flowmon_common::flow::DEFAULT_MAX_FLOWS;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Interface to watch (repeat for several). Default: the one holding the default route.
+    #[arg(short, long = "iface", value_name = "IF")]
+    ifaces: Vec<String>,
+    /// How often to read the kernel's tables, e.g. 1s, 500ms, 2m.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Print one JSON object per poll instead of text (schema in README.md).
+    #[arg(long)]
+    json: bool,
+    /// XDP attach mode: native where the driver supports it, else generic.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    xdp_mode: XdpModeArg,
+    /// Replace an XDP program already attached to the interface.
+    #[arg(long)]
+    replace_xdp: bool,
+    /// Connections the kernel table holds (about 324 bytes of kernel memory each).
+    #[arg(long, default_value_t = DEFAULT_MAX_FLOWS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_flows: u32,
+    /// Forward the kernel programs' debug log (aya-log) to this process's log; use with -vv.
+    #[arg(long)]
+    kernel_log: bool,
+    /// Connections listed under each text summary.
+    #[arg(long, default_value_t = 10)]
+    show: usize,
+    /// Stop after this many polls (default: run until Ctrl-C or SIGTERM).
+    #[arg(long)]
+    polls: Option<u64>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum XdpModeArg {
+    Auto,
+    Native,
+    Generic,
+}
+
+/// The resolved configuration: nothing past here sees a clap type.
+#[derive(Debug)]
+pub struct RunConfig {
+    ifaces: Vec<String>,
+    interval: Duration,
+    json: bool,
+    xdp: XdpAttach,
+    replace_xdp: bool,
+    load: LoadOptions,
+    show: usize,
+    polls: Option<u64>,
+}
+
+impl RunArgs {
+    pub fn resolve(self) -> anyhow::Result<RunConfig> {
+        let ifaces = if self.ifaces.is_empty() {
+            match iface::default_route().context("reading the routing table")? {
+                Some(i) => vec![i],
+                None => bail!(
+                    "no default route, so no default interface: name one with --iface (see `ip link`)"
+                ),
+            }
+        } else {
+            self.ifaces
+        };
+        Ok(RunConfig {
+            ifaces,
+            interval: self.interval,
+            json: self.json,
+            xdp: match self.xdp_mode {
+                XdpModeArg::Auto => XdpAttach::Auto,
+                XdpModeArg::Native => XdpAttach::Native,
+                XdpModeArg::Generic => XdpAttach::Generic,
+            },
+            replace_xdp: self.replace_xdp,
+            load: LoadOptions {
+                max_flows: self.max_flows,
+                kernel_log: self.kernel_log,
+            },
+            show: self.show,
+            polls: self.polls,
+        })
+    }
+}
+
+/// Parses `500ms`, `1s`, `1.5s`, `2m`, `1h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: write e.g. 500ms, 1s, 2m, 1h"))?;
+    let secs = match unit {
+        "ms" => n / 1e3,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("{s:?}: the duration must be greater than zero"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let mut kernel = Kernel::load(cfg.load)?;
+    for name in &cfg.ifaces {
+        let a = kernel.attach(name, cfg.xdp, cfg.replace_xdp)?;
+        eprintln!(
+            "flowmon: watching {} (XDP {}, TC egress); Ctrl-C to stop",
+            a.iface, a.xdp_mode
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(poll_loop(&mut kernel, &cfg));
+    // Dropping the kernel handle detaches every program: say so, since a
+    // monitor that leaves programs behind is a monitor nobody trusts.
+    drop(kernel);
+    eprintln!("flowmon: detached");
+    result
+}
+
+async fn poll_loop(kernel: &mut Kernel, cfg: &RunConfig) -> anyhow::Result<()> {
+    let mut logger = if cfg.load.kernel_log {
+        kernel.kernel_logger()
+    } else {
+        None
+    };
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(cfg.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut tracker = Tracker::default();
+    let mut polls = 0u64;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        }
+        if let Some(l) = logger.as_mut() {
+            l.flush();
+        }
+        let flows = kernel.flows()?;
+        let totals = kernel.stats()?;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let poll = tracker.poll(flows, totals, cfg.ifaces.clone(), now_ms);
+        let names = iface::names();
+        let out = if cfg.json {
+            let mut line = summary::poll_json(&poll, &names, &Clock::now()).to_string();
+            line.push('\n');
+            line
+        } else {
+            summary::poll_text(&poll, &names, cfg.show)
+        };
+        let mut stdout = io::stdout().lock();
+        match stdout
+            .write_all(out.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            Ok(()) => {}
+            // A closed pipe (`flowmon run | head`) is a normal way to stop.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        polls += 1;
+        if cfg.polls.is_some_and(|n| polls >= n) {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(
+            parse_duration("0s")
+                .unwrap_err()
+                .contains("greater than zero")
+        );
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_duration("fast")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+    }
+}

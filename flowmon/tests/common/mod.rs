@@ -1,0 +1,283 @@
+//! Helpers for the privileged tests: network namespaces joined by a veth
+//! pair, threads that run inside a namespace, and tshark as the ground truth
+//! for what crossed the wire.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{BufRead as _, BufReader},
+    net::IpAddr,
+    os::fd::AsFd as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// Runs a command and panics with its output when it fails.
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Two namespaces, `clt` and `srv`, joined by a veth pair with IPv4 and
+/// IPv6 addresses. Offloads are off so every skb is one wire packet, which
+/// makes a capture on the veth an exact ground truth. Deleted on drop.
+pub struct Pair {
+    pub clt_ns: String,
+    pub srv_ns: String,
+    pub clt_if: String,
+    pub srv_if: String,
+    pub clt_v4: IpAddr,
+    pub srv_v4: IpAddr,
+    pub clt_v6: IpAddr,
+    pub srv_v6: IpAddr,
+}
+
+impl Pair {
+    pub fn new() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}{n}", std::process::id() % 100_000);
+        let subnet = (std::process::id() % 200 + n * 7) % 250 + 1;
+        let p = Self {
+            clt_ns: format!("fmc{id}"),
+            srv_ns: format!("fms{id}"),
+            clt_if: format!("fmc{id}"),
+            srv_if: format!("fms{id}"),
+            clt_v4: format!("10.250.{subnet}.2").parse().unwrap(),
+            srv_v4: format!("10.250.{subnet}.1").parse().unwrap(),
+            clt_v6: format!("fd00:250:{subnet}::2").parse().unwrap(),
+            srv_v6: format!("fd00:250:{subnet}::1").parse().unwrap(),
+        };
+        for ns in [&p.clt_ns, &p.srv_ns] {
+            sh(&["ip", "netns", "add", ns]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        sh(&[
+            "ip", "link", "add", &p.clt_if, "netns", &p.clt_ns, "type", "veth", "peer", "name",
+            &p.srv_if, "netns", &p.srv_ns,
+        ]);
+        for (ns, ifn, v4, v6) in [
+            (&p.clt_ns, &p.clt_if, p.clt_v4, p.clt_v6),
+            (&p.srv_ns, &p.srv_if, p.srv_v4, p.srv_v6),
+        ] {
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v4}/24"),
+                "dev",
+                ifn,
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                ifn,
+                "nodad",
+            ]);
+            sh(&[
+                "ip", "netns", "exec", ns, "ethtool", "-K", ifn, "tso", "off", "gso", "off", "gro",
+                "off",
+            ]);
+            sh(&["ip", "-n", ns, "link", "set", ifn, "up"]);
+        }
+        p
+    }
+
+    /// Runs `f` on a thread that has entered namespace `ns`. Sockets it
+    /// creates stay in that namespace wherever they are used afterwards.
+    pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{ns}");
+        thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+
+    /// Starts a capture of TCP on the client's veth.
+    pub fn capture(&self) -> Capture {
+        let path = std::env::temp_dir().join(format!("{}.pcap", self.clt_ns));
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.clt_ns,
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                &self.clt_if,
+                "-U",
+                "-n",
+                "-s",
+                "128",
+                "-w",
+            ])
+            .arg(&path)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tcpdump");
+        // tcpdump says "listening on" once the socket is open and filtering.
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("listening on") {
+            line.clear();
+            assert!(
+                err.read_line(&mut line).unwrap() > 0,
+                "tcpdump exited before listening"
+            );
+        }
+        Capture { child, path }
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [&self.clt_ns, &self.srv_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A running tcpdump.
+pub struct Capture {
+    child: Child,
+    pub path: PathBuf,
+}
+
+/// What one direction of a connection carried, as tshark reads the capture.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wire {
+    pub packets: u64,
+    pub bytes: u64,
+    pub syn: u32,
+    pub synack: u32,
+    pub fin: u32,
+    pub rst: u32,
+}
+
+impl Capture {
+    /// Stops the capture and returns per-direction counts keyed by
+    /// (source address, source port, destination address, destination port).
+    pub fn finish(mut self) -> HashMap<(IpAddr, u16, IpAddr, u16), Wire> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        self.child.wait().unwrap();
+        let out = Command::new("tshark")
+            .args(["-r"])
+            .arg(&self.path)
+            .args([
+                "-T",
+                "fields",
+                "-E",
+                "separator=/t",
+                "-e",
+                "ip.src",
+                "-e",
+                "ipv6.src",
+                "-e",
+                "ip.dst",
+                "-e",
+                "ipv6.dst",
+            ])
+            .args([
+                "-e",
+                "tcp.srcport",
+                "-e",
+                "tcp.dstport",
+                "-e",
+                "tcp.flags",
+                "-e",
+                "ip.len",
+                "-e",
+                "ipv6.plen",
+            ])
+            .output()
+            .expect("run tshark");
+        assert!(
+            out.status.success(),
+            "tshark: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if std::env::var_os("FLOWMON_KEEP_PCAP").is_none() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        let mut map: HashMap<_, Wire> = HashMap::new();
+        for line in String::from_utf8(out.stdout).unwrap().lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            let pick = |a: &str, b: &str| {
+                if a.is_empty() {
+                    b.to_string()
+                } else {
+                    a.to_string()
+                }
+            };
+            let src: IpAddr = pick(f[0], f[1]).parse().unwrap();
+            let dst: IpAddr = pick(f[2], f[3]).parse().unwrap();
+            let sport: u16 = f[4].parse().unwrap();
+            let dport: u16 = f[5].parse().unwrap();
+            let flags =
+                u8::from_str_radix(f[6].trim_start_matches("0x"), 16).unwrap() as u32 & 0xff;
+            let bytes: u64 = if f[7].is_empty() {
+                40 + f[8].parse::<u64>().unwrap()
+            } else {
+                f[7].parse().unwrap()
+            };
+            let w = map.entry((src, sport, dst, dport)).or_default();
+            w.packets += 1;
+            w.bytes += bytes;
+            if flags & 0x02 != 0 {
+                if flags & 0x10 != 0 {
+                    w.synack += 1
+                } else {
+                    w.syn += 1
+                }
+            }
+            w.fin += u32::from(flags & 0x01 != 0);
+            w.rst += u32::from(flags & 0x04 != 0);
+        }
+        map
+    }
+}
+
+/// Polls `read` until two reads `quiet` apart are equal (the traffic has
+/// stopped), giving up after `limit`. Bounded polling, not a fixed sleep.
+pub fn settle<T: PartialEq>(mut read: impl FnMut() -> T, quiet: Duration, limit: Duration) -> T {
+    let start = Instant::now();
+    let mut last = read();
+    loop {
+        thread::sleep(quiet);
+        let now = read();
+        if now == last || start.elapsed() > limit {
+            return now;
+        }
+        last = now;
+    }
+}

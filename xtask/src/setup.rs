@@ -1,0 +1,99 @@
+//! Installs what the build and the tests need, idempotently: bpf-linker built
+//! against the pinned nightly's own LLVM, and the Debian packages the tests
+//! start for real (tshark, tcpdump, nftables, ethtool, iproute2). Each step
+//! first checks whether it is already done, so a second run costs seconds.
+
+use std::{os::unix::fs::symlink, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{self, output};
+
+/// The bpf-linker release the build is known to work with.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the privileged tests run.
+const PACKAGES: &[&str] = &["iproute2", "tcpdump", "tshark", "nftables", "ethtool"];
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Skip the Debian packages (enough for building and running).
+    #[arg(long)]
+    pub no_packages: bool,
+}
+
+pub fn run(o: &Options) -> anyhow::Result<()> {
+    bpf_linker()?;
+    if !o.no_packages {
+        packages()?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let have = output(Command::new("bpf-linker").arg("--version"));
+    if have
+        .as_deref()
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
+        return Ok(());
+    }
+    let toolchain = util::toolchain()?;
+    let sysroot =
+        output(Command::new("rustup").args(["run", &toolchain, "rustc", "--print", "sysroot"]))
+            .context("the pinned toolchain is missing: run ./x, which installs it")?;
+    let sysroot = std::path::PathBuf::from(sysroot.trim());
+    let lib = std::fs::read_dir(sysroot.join("lib"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .context("the pinned toolchain ships no libLLVM.so.*")?;
+    // bpf-linker's build looks for libLLVM.so under $LLVM_PREFIX/lib.
+    let prefix = util::root().join("target").join("llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so".to_string(), lib.clone()] {
+        let link = prefix_lib.join(&name);
+        let _ = std::fs::remove_file(&link);
+        symlink(sysroot.join("lib").join(&lib), &link)?;
+    }
+    util::run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+fn packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!(
+            "Debian packages {} are missing and only root can install them: run as root",
+            missing.join(" ")
+        );
+    }
+    util::run(Command::new("apt-get").args(["update", "-q"]))?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
