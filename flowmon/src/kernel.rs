@@ -365,6 +365,7 @@ fn remove_xdp(iface: &str) {
     for mode in ["xdp", "xdpgeneric", "xdpdrv"] {
         let _ = Command::new("ip")
             .args(["link", "set", "dev", iface, mode, "off"])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }

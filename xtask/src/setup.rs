@@ -1,6 +1,6 @@
 //! Installs what the build and the tests need, idempotently: bpf-linker built
 //! against the pinned nightly's own LLVM, and the Debian packages the tests
-//! start for real (tshark, tcpdump, nftables, ethtool, iproute2). Each step
+//! start for real (tshark, tcpdump, nftables, ethtool, iproute2, bpftool, setpriv). Each step
 //! first checks whether it is already done, so a second run costs seconds.
 
 use std::{os::unix::fs::symlink, process::Command};
@@ -13,7 +13,15 @@ use crate::util::{self, output};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the privileged tests run.
-const PACKAGES: &[&str] = &["iproute2", "tcpdump", "tshark", "nftables", "ethtool"];
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "tcpdump",
+    "tshark",
+    "nftables",
+    "ethtool",
+    "bpftool",
+    "util-linux",
+];
 
 #[derive(clap::Args)]
 pub struct Options {
