@@ -56,8 +56,14 @@ fn bpf_linker() -> anyhow::Result<()> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM.so."))
         .context("the pinned toolchain ships no libLLVM.so.*")?;
-    // bpf-linker's build looks for libLLVM.so under $LLVM_PREFIX/lib.
-    let prefix = util::root().join("target").join("llvm-prefix");
+    // bpf-linker's build looks for libLLVM.so under $LLVM_PREFIX/lib and
+    // records that folder as its run path, so it must outlive `cargo clean`:
+    // keep it beside the installed binary, under CARGO_HOME.
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let prefix = cargo_home.join("flowmon-llvm").join(&toolchain);
     let prefix_lib = prefix.join("lib");
     std::fs::create_dir_all(&prefix_lib)?;
     for name in ["libLLVM.so".to_string(), lib.clone()] {
