@@ -19,6 +19,24 @@ pub enum Ext {
     },
 }
 
+impl Ext {
+    /// A chain of every kind: hop-by-hop, destination options, routing, an
+    /// atomic fragment header and destination options again, 16 + 16 + 16 + 8
+    /// + 16 bytes.
+    pub fn every_kind() -> Vec<Ext> {
+        std::vec![
+            Ext::HopByHop,
+            Ext::DestOpts,
+            Ext::Routing,
+            Ext::Fragment {
+                offset: 0,
+                more: false
+            },
+            Ext::DestOpts
+        ]
+    }
+}
+
 /// A frame description; `build` lays it out as bytes.
 #[derive(Clone, Debug)]
 pub struct Frame {

@@ -145,16 +145,7 @@ fn ipv6_plain_and_each_extension_header() {
         );
     }
     let mut fr = syn6();
-    fr.ipv6_ext = vec![
-        Ext::HopByHop,
-        Ext::DestOpts,
-        Ext::Routing,
-        Ext::Fragment {
-            offset: 0,
-            more: false,
-        },
-        Ext::DestOpts,
-    ];
+    fr.ipv6_ext = Ext::every_kind();
     assert_eq!(tcp(&fr.build()[..], 1).hdr_len, 40 + 16 * 4 + 8 + 20);
 }
 

@@ -206,16 +206,7 @@ fn ipv6_with_each_extension_header() {
             offset: 0,
             more: true,
         }],
-        vec![
-            Ext::HopByHop,
-            Ext::DestOpts,
-            Ext::Routing,
-            Ext::Fragment {
-                offset: 0,
-                more: false,
-            },
-            Ext::DestOpts,
-        ],
+        Ext::every_kind(),
     ];
     for ext in &exts {
         let mut f = Frame::tcp(c, 50000, s, 443, TCP_ACK).payload(10);

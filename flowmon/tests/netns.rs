@@ -268,21 +268,28 @@ fn server_abort() {
     }
 }
 
-fn refused_scenario(ctx: &Ctx) -> u16 {
-    // Nothing listens on the discard port in a fresh namespace.
+/// A client socket bound to an ephemeral port, before connect, so the test
+/// knows the port even when the connect fails.
+fn bound_socket(srv: IpAddr) -> (socket2::Socket, u16) {
     let sock = socket2::Socket::new(
-        socket2::Domain::for_address(SocketAddr::new(ctx.srv, 9)),
+        socket2::Domain::for_address(SocketAddr::new(srv, 0)),
         socket2::Type::STREAM,
         None,
     )
     .unwrap();
-    let any: IpAddr = if ctx.srv.is_ipv4() {
+    let any: IpAddr = if srv.is_ipv4() {
         "0.0.0.0".parse().unwrap()
     } else {
         "::".parse().unwrap()
     };
     sock.bind(&SocketAddr::new(any, 0).into()).unwrap();
     let local = sock.local_addr().unwrap().as_socket().unwrap().port();
+    (sock, local)
+}
+
+fn refused_scenario(ctx: &Ctx) -> u16 {
+    // Nothing listens on the discard port in a fresh namespace.
+    let (sock, local) = bound_socket(ctx.srv);
     let err = sock
         .connect(&SocketAddr::new(ctx.srv, 9).into())
         .unwrap_err();
@@ -301,13 +308,8 @@ fn refused() {
 }
 
 fn unanswered_scenario(ctx: &Ctx) -> u16 {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(SocketAddr::new(ctx.srv, 19)),
-        socket2::Type::STREAM,
-        None,
-    )
-    .unwrap();
-    // One retransmission: SYN at 0 s, again at 1 s, give up at 3 s.
+    let (sock, local) = bound_socket(ctx.srv);
+    // One retransmission allowed before connect gives up.
     let one: libc::c_int = 1;
     // Safety: valid socket and a correctly sized option value.
     let r = unsafe {
@@ -320,13 +322,6 @@ fn unanswered_scenario(ctx: &Ctx) -> u16 {
         )
     };
     assert_eq!(r, 0);
-    let any: IpAddr = if ctx.srv.is_ipv4() {
-        "0.0.0.0".parse().unwrap()
-    } else {
-        "::".parse().unwrap()
-    };
-    sock.bind(&SocketAddr::new(any, 0).into()).unwrap();
-    let local = sock.local_addr().unwrap().as_socket().unwrap().port();
     let err = sock
         .connect(&SocketAddr::new(ctx.srv, 19).into())
         .unwrap_err();
