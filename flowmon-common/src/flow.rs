@@ -56,13 +56,7 @@ impl FlowKey {
         if src_first {
             return DIR_A_TO_B;
         }
-        let mut i = 0;
-        while i < 16 {
-            let t = self.addr_a[i];
-            self.addr_a[i] = self.addr_b[i];
-            self.addr_b[i] = t;
-            i += 1;
-        }
+        core::mem::swap(&mut self.addr_a, &mut self.addr_b);
         core::mem::swap(&mut self.port_a, &mut self.port_b);
         DIR_B_TO_A
     }

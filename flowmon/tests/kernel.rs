@@ -53,7 +53,7 @@ fn tc(k: &Kernel, frame: &[u8], gso_segs: u32) {
     let mut out = vec![0u8; frame.len() + 256];
     // struct __sk_buff: gso_segs is at byte offset 164 (include/uapi/linux/bpf.h:
     // ... flow_keys @144, tstamp @152, wire_len @160, gso_segs @164).
-    let mut ctx = vec![0u8; 192];
+    let mut ctx = [0u8; 192];
     // The kernel takes gso_segs only with a wire length of at least the
     // frame's (wire_len @160) and a segment size (gso_size @176).
     ctx[160..164].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
