@@ -17,6 +17,17 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
+/// Whether `seg` opens a new connection on a tuple whose entry holds one
+/// that has ended: a SYN without ACK after any FIN or RST. A retransmitted SYN
+/// of a connection that has not ended stays in it, and so does a SYN-ACK.
+/// The kernel then retires the old entry and starts a fresh one; the offline
+/// path does the same, so both report the same lifetimes.
+#[inline(always)]
+pub fn starts_new_connection(v: &FlowValue, seg: &TcpSegment) -> bool {
+    let syn_only = seg.flags as u8 & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    syn_only && (v.dir[0].fin | v.dir[1].fin | v.dir[0].rst | v.dir[1].rst) != 0
+}
+
 /// Adds `seg` to `value`. `packets` is how many wire packets the segment
 /// stands for (more than 1 only for a GSO super-packet seen at TC egress) and
 /// `ip_bytes` their IP-layer bytes; `now` is the packet time in nanoseconds.

@@ -40,6 +40,8 @@ impl Ext {
 /// A frame description; `build` lays it out as bytes.
 #[derive(Clone, Debug)]
 pub struct Frame {
+    /// Wrap the frame in a Cisco FabricPath header.
+    pub fabricpath: bool,
     /// VLAN tags, outermost first: (TPID, VLAN id).
     pub vlans: Vec<(u16, u16)>,
     pub src: IpAddr,
@@ -63,6 +65,7 @@ impl Frame {
     /// A TCP segment with no tags, options or extension headers.
     pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Self {
         Self {
+            fabricpath: false,
             vlans: Vec::new(),
             src,
             dst,
@@ -92,6 +95,11 @@ impl Frame {
     /// (neither the programs nor the parser check them).
     pub fn build(&self) -> Vec<u8> {
         let mut f = Vec::new();
+        if self.fabricpath {
+            f.extend_from_slice(&[0x03, 0, 0, 0, 0, 0x09, 0x03, 0, 0, 0, 0, 0x08]);
+            f.extend_from_slice(&crate::parse::ETH_P_FABRICPATH.to_be_bytes());
+            f.extend_from_slice(&[0x00, 0x3f]);
+        }
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01]);
         for (tpid, id) in &self.vlans {
             f.extend_from_slice(&tpid.to_be_bytes());

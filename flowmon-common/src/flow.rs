@@ -120,6 +120,21 @@ pub struct FlowValue {
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 208);
 
+/// A connection the kernel retired from the table because a new one started
+/// on its tuple (a SYN after FIN or RST): sent to user space through the
+/// CLOSED ring buffer, so that both lifetimes are reported apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetiredFlow {
+    pub key: FlowKey,
+    pub _pad: u32,
+    pub value: FlowValue,
+}
+const _: () = assert!(core::mem::size_of::<RetiredFlow>() == 256);
+
+/// Bytes of the CLOSED ring buffer: 4096 retired connections.
+pub const CLOSED_RING_BYTES: u32 = 4096 * 264;
+
 /// Default number of connections the kernel table holds (`--max-flows`).
 /// Memory: 44-byte key + 208-byte value + about 72 bytes of LRU hash element
 /// overhead, so about 324 bytes per connection, 81 MiB at the default.

@@ -37,6 +37,10 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88A8;
 /// Pre-standard QinQ outer tag still emitted by some switches.
 pub const ETH_P_QINQ_9100: u16 = 0x9100;
+/// Cisco FabricPath: 16-byte outer header (MACs, this type, FTag/TTL), then
+/// the original Ethernet frame. Mirror ports on FabricPath fabrics carry it.
+pub const ETH_P_FABRICPATH: u16 = 0x8903;
+const FABRICPATH_HLEN: usize = 16;
 
 /// VLAN tags followed before giving up (802.1ad outer + 802.1Q inner).
 pub const MAX_VLAN_TAGS: usize = 2;
@@ -104,6 +108,13 @@ pub fn parse_ethernet<P: PacketBytes + ?Sized>(
         return Parsed::Malformed;
     };
     let mut off = ETH_HLEN;
+    if ethertype == ETH_P_FABRICPATH {
+        let Some(inner) = be16(p, FABRICPATH_HLEN + 12) else {
+            return Parsed::Malformed;
+        };
+        ethertype = inner;
+        off = FABRICPATH_HLEN + ETH_HLEN;
+    }
     let mut vlan = 0u16;
     let mut tags = 0;
     while tags < MAX_VLAN_TAGS {

@@ -108,6 +108,18 @@ fn vlan_and_qinq() {
 }
 
 #[test]
+fn fabricpath_encapsulation() {
+    let mut fr = syn4().vlan(ETH_P_8021Q, 7);
+    fr.fabricpath = true;
+    let s = tcp(&fr.build()[..], 1);
+    assert_eq!((s.l3_offset, s.key.vlan, s.key.port_a), (34, 7, 80));
+    let f = fr.build();
+    for cut in 14..34 {
+        assert_eq!(parse(&f[..cut], 1), Parsed::Malformed, "cut at {cut}");
+    }
+}
+
+#[test]
 fn three_vlan_tags_are_not_followed() {
     let f = syn4()
         .vlan(ETH_P_8021AD, 1)

@@ -16,8 +16,14 @@ pub const STAT_FRAGMENTS: u32 = 4;
 pub const STAT_FLOWS_CREATED: u32 = 5;
 /// Inserts the kernel refused (the packet is still passed, not counted per flow).
 pub const STAT_INSERT_FAILED: u32 = 6;
+/// New connections on a reused tuple that could not be split from the
+/// previous one (the CLOSED ring buffer was full): they were counted into it.
+pub const STAT_SPLIT_FAILED: u32 = 7;
+/// Connections retired to the CLOSED ring buffer because a new one started on
+/// their tuple.
+pub const STAT_RETIRED: u32 = 8;
 /// Number of slots in the STATS map.
-pub const STAT_COUNT: u32 = 7;
+pub const STAT_COUNT: u32 = 9;
 
 /// Human-readable names, indexed like the constants above.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -28,4 +34,6 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "fragments",
     "flows_created",
     "insert_failed",
+    "split_failed",
+    "retired",
 ];

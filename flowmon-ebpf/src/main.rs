@@ -12,17 +12,20 @@ use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_UNSPEC, xdp_action::XDP_PASS},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map, xdp},
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use flowmon_common::{
-    count::record,
-    flow::{CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue},
+    count::{record, starts_new_connection},
+    flow::{
+        CLOSED_RING_BYTES, CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue,
+        RetiredFlow,
+    },
     parse::{MAX_HEADER_OFFSET, PacketBytes, Parsed, TcpSegment, parse_ethernet},
     stats::{
         STAT_COUNT, STAT_FLOWS_CREATED, STAT_FRAGMENTS, STAT_INSERT_FAILED, STAT_MALFORMED,
-        STAT_NON_TCP, STAT_PACKETS, STAT_TCP,
+        STAT_NON_TCP, STAT_PACKETS, STAT_RETIRED, STAT_SPLIT_FAILED, STAT_TCP,
     },
 };
 
@@ -35,6 +38,10 @@ static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFA
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Connections retired because a new one started on their tuple.
+#[map]
+static CLOSED: RingBuf = RingBuf::with_byte_size(CLOSED_RING_BYTES, 0);
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -49,6 +56,7 @@ static SEG: PerCpuArray<TcpSegment> = PerCpuArray::with_max_entries(1, 0);
 static ZERO: Array<FlowValue> = Array::with_max_entries(1, 0);
 
 const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
 const EEXIST: i32 = 17;
 
 /// Reads a packet through direct packet access, as the verifier requires:
@@ -124,6 +132,12 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
         None => (1, u64::from(seg.ip_len)),
     };
     let value = match FLOWS.get_ptr_mut(&seg.key) {
+        // Safety: `v` points into the map element, valid during this run.
+        Some(v) if starts_new_connection(unsafe { &*v }, seg) => match retire(v, seg) {
+            Retire::Fresh(fresh) => fresh,
+            Retire::Kept => v,
+            Retire::Lost => return bump(STAT_INSERT_FAILED),
+        },
         Some(v) => v,
         None => {
             let Some(zero) = ZERO.get(0) else { return };
@@ -152,6 +166,61 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
             seg.key.port_a,
             seg.key.port_b
         );
+    }
+}
+
+/// What became of an ended connection when a new one started on its tuple.
+enum Retire {
+    /// Sent to user space; count the packet into this fresh entry.
+    Fresh(*mut FlowValue),
+    /// The ring buffer was full or the entry could not be replaced: count the
+    /// packet into the old entry (a merged lifetime beats a lost count).
+    Kept,
+    /// Sent to user space, but the fresh entry vanished at once (LRU eviction
+    /// under pressure): the packet cannot be counted.
+    Lost,
+}
+
+/// Sends the ended connection in `old` to user space and gives its tuple a
+/// zeroed entry. Replacing the element (BPF_EXIST) rather than zeroing it in
+/// place means a packet of the old connection being counted on another CPU at
+/// this instant lands in the old element's memory, not in the new connection.
+#[inline(always)]
+fn retire(old: *mut FlowValue, seg: &TcpSegment) -> Retire {
+    let Some(mut slot) = CLOSED.reserve::<RetiredFlow>(0) else {
+        bump(STAT_SPLIT_FAILED);
+        return Retire::Kept;
+    };
+    let dst = slot.as_mut_ptr();
+    // Safety: `dst` is this reservation, `old` the live map element; the copy
+    // goes word by word with volatile reads so LLVM cannot turn it into a
+    // memcpy call, which the bpf target cannot link.
+    unsafe {
+        (*dst).key = seg.key;
+        (*dst)._pad = 0;
+        let from = old.cast::<u64>();
+        let to = (&raw mut (*dst).value).cast::<u64>();
+        let mut i = 0;
+        while i < core::mem::size_of::<FlowValue>() / 8 {
+            to.add(i).write(from.add(i).read_volatile());
+            i += 1;
+        }
+    }
+    // Submit only once the fresh entry is in place: otherwise the packets
+    // would be counted both in the retired copy and in the old entry.
+    let replaced = ZERO
+        .get(0)
+        .is_some_and(|zero| FLOWS.insert(&seg.key, zero, BPF_EXIST).is_ok());
+    if !replaced {
+        slot.discard(0);
+        bump(STAT_SPLIT_FAILED);
+        return Retire::Kept;
+    }
+    slot.submit(0);
+    bump(STAT_RETIRED);
+    match FLOWS.get_ptr_mut(&seg.key) {
+        Some(v) => Retire::Fresh(v),
+        None => Retire::Lost,
     }
 }
 

@@ -9,11 +9,11 @@ use std::{io, process::Command};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use flowmon_common::{
-    flow::{CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue},
+    flow::{CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, RetiredFlow},
     stats::STAT_COUNT,
 };
 
@@ -27,6 +27,7 @@ pub const TC_PROGRAM: &str = "flowmon_tc";
 const FLOWS_MAP: &str = "FLOWS";
 const STATS_MAP: &str = "STATS";
 const CONFIG_MAP: &str = "CONFIG";
+const CLOSED_MAP: &str = "CLOSED";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -100,6 +101,7 @@ pub struct Attached {
 /// Loaded programs and their maps.
 pub struct Kernel {
     ebpf: Ebpf,
+    closed: RingBuf<MapData>,
     config: Config,
     attached: Vec<Attached>,
 }
@@ -127,8 +129,13 @@ impl Kernel {
             };
             res.map_err(|e| KernelError::Load(aya::EbpfError::ProgramError(e)))?;
         }
+        let closed = ebpf
+            .take_map(CLOSED_MAP)
+            .and_then(|m| RingBuf::try_from(m).ok())
+            .ok_or(KernelError::MapMissing { map: CLOSED_MAP })?;
         let mut kernel = Self {
             ebpf,
+            closed,
             config: Config::default(),
             attached: Vec::new(),
         };
@@ -294,6 +301,22 @@ impl Kernel {
                     });
                 }
             }
+        }
+        Ok(out)
+    }
+
+    /// Connections the programs retired because a new connection started on
+    /// their tuple, oldest first.
+    pub fn drain_retired(&mut self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
+        let mut out = Vec::new();
+        while let Some(item) = self.closed.next() {
+            if item.len() < std::mem::size_of::<RetiredFlow>() {
+                continue;
+            }
+            // Safety: the programs write whole RetiredFlow records, a plain
+            // repr(C) type valid for any bytes; read unaligned from the item.
+            let r = unsafe { item.as_ptr().cast::<RetiredFlow>().read_unaligned() };
+            out.push((r.key, r.value));
         }
         Ok(out)
     }

@@ -6,7 +6,12 @@
 //! what the agent prints.
 
 pub mod caps;
+pub mod capture;
+pub mod close;
 pub mod iface;
 pub mod kernel;
 pub mod model;
+pub mod offline;
+pub mod record;
+pub mod replay;
 pub mod summary;

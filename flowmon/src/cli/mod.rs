@@ -6,7 +6,10 @@
 use clap::{Parser, Subcommand};
 use flowmon::kernel::KernelError;
 
+mod analyze;
+mod replay;
 mod run;
+mod timeouts;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,11 +40,17 @@ impl Args {
 enum Command {
     /// Attach to interfaces and print a live summary every interval.
     Run(run::RunArgs),
+    /// Connections in a pcap/pcapng file, how each ended and who ended it (no root needed).
+    Analyze(analyze::AnalyzeArgs),
+    /// Push a capture through the kernel program (BPF_PROG_TEST_RUN) and report like analyze.
+    Replay(replay::ReplayArgs),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Run(a) => run::run(a.resolve()?),
+        Command::Analyze(a) => analyze::run(a),
+        Command::Replay(a) => replay::run(a),
     }
 }
 
