@@ -51,6 +51,13 @@ pub enum KernelError {
         #[source]
         source: ProgramError,
     },
+    #[error("{call} on map {map} failed")]
+    Syscall {
+        call: &'static str,
+        map: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("map {map} is missing from the eBPF object or has the wrong type")]
     MapMissing { map: &'static str },
     #[error("reading map {map} failed")]
@@ -303,6 +310,21 @@ impl Kernel {
             }
         }
         Ok(out)
+    }
+
+    /// Removes the entry for `key` and returns its final value, atomically
+    /// (see [`crate::bpfsys::lookup_and_delete`]); `None` if it is gone.
+    pub fn take_flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, KernelError> {
+        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else {
+            return Err(KernelError::MapMissing { map: FLOWS_MAP });
+        };
+        crate::bpfsys::lookup_and_delete(std::os::fd::AsFd::as_fd(data.fd()), key).map_err(
+            |source| KernelError::Syscall {
+                call: "BPF_MAP_LOOKUP_AND_DELETE_ELEM",
+                map: FLOWS_MAP,
+                source,
+            },
+        )
     }
 
     /// Connections the programs retired because a new connection started on

@@ -5,6 +5,8 @@
 //! raw per-connection counters into client/server views, [`summary`] renders
 //! what the agent prints.
 
+pub mod agent;
+pub mod bpfsys;
 pub mod caps;
 pub mod capture;
 pub mod close;

@@ -64,25 +64,42 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// Builds a poll from the live entries and the connections that ended
+    /// since the previous poll (`ended`, removed or retired). `removed` is how
+    /// many entries the agent has deleted since load.
     pub fn poll(
         &mut self,
-        flows: Vec<(FlowKey, FlowValue)>,
+        live: Vec<(FlowKey, FlowValue)>,
+        ended: &[(FlowKey, FlowValue)],
         totals: [u64; STAT_COUNT as usize],
         ifaces: Vec<String>,
         time_unix_ms: u64,
+        removed: u64,
     ) -> Poll {
+        // What each tuple counted by now: its live entry plus every lifetime
+        // of it that ended since the previous poll.
+        let mut now: HashMap<FlowKey, FlowValue> = HashMap::new();
+        for (k, v) in live.iter().chain(ended) {
+            let e = now.entry(*k).or_default();
+            for d in 0..2 {
+                add_dir(&mut e.dir[d], &v.dir[d]);
+            }
+        }
         let mut delta = Counts::default();
+        for (k, v) in &now {
+            let before = self.prev.get(k);
+            for d in 0..2 {
+                delta.add_dir(&v.dir[d], before.map(|b| &b.dir[d]));
+            }
+        }
         let mut changed = Vec::new();
         let mut flows_new = 0;
-        for (k, v) in &flows {
+        for (k, v) in &live {
             let before = self.prev.get(k);
             if before.is_none() {
                 flows_new += 1;
             }
             if before != Some(v) {
-                for d in 0..2 {
-                    delta.add_dir(&v.dir[d], before.map(|b| &b.dir[d]));
-                }
                 changed.push(Conn::new(*k, *v));
             }
         }
@@ -90,11 +107,13 @@ impl Tracker {
         let interval_ms = self
             .prev_time_unix_ms
             .map_or(0, |p| time_unix_ms.saturating_sub(p));
-        let flows_active = flows.len();
-        // The kernel never deletes entries itself except through LRU eviction,
-        // so whatever it created and no longer holds was evicted.
-        let flows_evicted = totals[STAT_FLOWS_CREATED as usize].saturating_sub(flows_active as u64);
-        self.prev = flows.into_iter().collect();
+        let flows_active = live.len();
+        // Entries leave the table by the agent's removal or by LRU eviction
+        // (a retired connection's entry is replaced, not removed), so the
+        // rest of what the kernel created and no longer holds was evicted.
+        let flows_evicted =
+            totals[STAT_FLOWS_CREATED as usize].saturating_sub(flows_active as u64 + removed);
+        self.prev = live.into_iter().collect();
         self.prev_time_unix_ms = Some(time_unix_ms);
         Poll {
             time_unix_ms,
@@ -108,6 +127,16 @@ impl Tracker {
             changed,
         }
     }
+}
+
+/// Adds the counters of `b` to `a` (times are not summed).
+fn add_dir(a: &mut DirStats, b: &DirStats) {
+    a.packets += b.packets;
+    a.bytes += b.bytes;
+    a.syn += b.syn;
+    a.synack += b.synack;
+    a.fin += b.fin;
+    a.rst += b.rst;
 }
 
 /// Converts kernel times (CLOCK_MONOTONIC ns) to Unix time in seconds.
@@ -260,6 +289,30 @@ pub fn poll_text(p: &Poll, names: &HashMap<u32, String>, max_conns: usize) -> St
     s
 }
 
+/// A finished connection as one text line under the poll summary.
+pub fn closed_text(r: &crate::record::ConnRecord) -> String {
+    let c = &r.conn;
+    let (cip, cport) = c.client();
+    let (sip, sport) = c.server();
+    let (clt, srv) = (c.clt(), c.srv());
+    format!(
+        "  closed   {} {} {}  {} by {}  {} {}  pkts {}/{}  FIN {}/{}  RST {}/{}\n",
+        fmt_endpoint(cip, cport),
+        if c.direction_guessed { "?>" } else { "->" },
+        fmt_endpoint(sip, sport),
+        r.close.as_str(),
+        r.closed_by.as_str(),
+        r.conn_state,
+        r.history,
+        clt.packets,
+        srv.packets,
+        clt.fin,
+        srv.fin,
+        clt.rst,
+        srv.rst,
+    )
+}
+
 fn fmt_endpoint(ip: std::net::IpAddr, port: u16) -> String {
     match ip {
         std::net::IpAddr::V4(_) => format!("{ip}:{port}"),
@@ -305,9 +358,11 @@ mod tests {
         let mut tr = Tracker::default();
         let p = tr.poll(
             vec![flow(40000, 3, 2)],
+            &[],
             totals(1),
             vec!["veth0".into()],
             10_000,
+            0,
         );
         assert_eq!(
             (
@@ -321,9 +376,11 @@ mod tests {
         );
         let p = tr.poll(
             vec![flow(40000, 5, 2), flow(40001, 1, 1)],
+            &[],
             totals(2),
             vec!["veth0".into()],
             11_000,
+            0,
         );
         assert_eq!(
             (p.flows_new, p.delta.packets, p.delta.syn, p.interval_ms),
@@ -333,9 +390,11 @@ mod tests {
         assert_eq!(p.changed[0].key.port_b, 40000, "busiest first");
         let p = tr.poll(
             vec![flow(40000, 5, 2), flow(40001, 1, 1)],
+            &[],
             totals(2),
             vec!["veth0".into()],
             12_000,
+            0,
         );
         assert_eq!(
             (p.delta, p.changed.len(), p.flows_evicted),
@@ -344,10 +403,32 @@ mod tests {
     }
 
     #[test]
+    fn deltas_include_connections_that_ended() {
+        let mut tr = Tracker::default();
+        tr.poll(vec![flow(40000, 3, 2)], &[], totals(1), vec![], 0, 0);
+        // The connection ended at 4/2 and a new one on the same tuple has 1/0.
+        let p = tr.poll(
+            vec![flow(40000, 1, 0)],
+            &[flow(40000, 4, 2)],
+            totals(1),
+            vec![],
+            1_000,
+            1,
+        );
+        assert_eq!(
+            p.delta.packets, 2,
+            "one more packet in the old lifetime, one in the new"
+        );
+    }
+
+    #[test]
     fn entries_gone_from_the_table_are_evictions() {
         let mut tr = Tracker::default();
-        let p = tr.poll(vec![flow(1, 1, 1)], totals(5), vec![], 0);
-        assert_eq!(p.flows_evicted, 4);
+        let p = tr.poll(vec![flow(1, 1, 1)], &[], totals(5), vec![], 0, 1);
+        assert_eq!(
+            p.flows_evicted, 3,
+            "5 created, 1 live, 1 removed by the agent"
+        );
     }
 
     #[test]
@@ -355,9 +436,11 @@ mod tests {
         let mut tr = Tracker::default();
         let p = tr.poll(
             vec![flow(40000, 3, 2)],
+            &[],
             totals(1),
             vec!["veth0".into()],
             10_000,
+            0,
         );
         let names = HashMap::from([(3, "veth0".to_string())]);
         let clock = Clock {
@@ -394,9 +477,11 @@ mod tests {
         let mut tr = Tracker::default();
         let p = tr.poll(
             vec![flow(40000, 3, 2)],
+            &[],
             totals(1),
             vec!["veth0".into()],
             3_600_000 + 61_000,
+            0,
         );
         let names = HashMap::from([(3, "veth0".to_string())]);
         let text = poll_text(&p, &names, 10);

@@ -82,11 +82,10 @@ fn run_json_counts_a_connection_and_detaches_on_exit() {
     });
     server.join().unwrap();
 
-    // Each poll lists the connections that changed, with their totals so far.
-    // Once the connection has closed on both sides and a poll no longer lists
-    // it, it is quiet: the last listing is the answer.
+    // Each poll lists the live connections that changed and, under
+    // "closed", those that finished (after the linger) and left the table.
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut last: Option<serde_json::Value> = None;
+    let mut closed: Option<serde_json::Value> = None;
     for _ in 0..100 {
         let mut l = String::new();
         assert!(
@@ -95,24 +94,27 @@ fn run_json_counts_a_connection_and_detaches_on_exit() {
         );
         let v: serde_json::Value = serde_json::from_str(&l).expect("one JSON object per line");
         assert_eq!(v["schema"], 1);
-        match v["changed"]
+        if let Some(c) = v["closed"]
             .as_array()
             .unwrap()
             .iter()
             .find(|c| c["client.port"] == client_port)
         {
-            Some(c) => last = Some(c.clone()),
-            None if last
-                .as_ref()
-                .is_some_and(|c| c["fin.count.srv"] == 1 && c["fin.count.clt"] == 1) =>
-            {
-                break;
-            }
-            None => {}
+            closed = Some(c.clone());
+            break;
         }
     }
     let wire = capture.finish();
-    let c = last.expect("the connection appeared in a poll");
+    let c = closed.expect("the connection was reported closed");
+    assert_eq!(
+        (
+            c["close"].as_str(),
+            c["closed_by"].as_str(),
+            c["conn_state"].as_str(),
+            c["ct.count"].as_u64()
+        ),
+        (Some("fin"), Some("client"), Some("SF"), Some(1))
+    );
     assert_eq!(c["client.ip"], pair.clt_v4.to_string());
     assert_eq!(c["server.ip"], srv.to_string());
     assert_eq!(c["server.port"], 8080);

@@ -7,10 +7,15 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use flowmon::{
+    agent::{self, Agent},
+    close::Timeouts,
     iface,
     kernel::{Kernel, LoadOptions, XdpAttach},
-    summary::{self, Clock, Tracker},
+    record::ConnRecord,
+    summary::{self, Clock},
 };
+
+use super::timeouts::TimeoutArgs;
 use flowmon_common::flow::DEFAULT_MAX_FLOWS;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -43,6 +48,8 @@ pub struct RunArgs {
     /// Stop after this many polls (default: run until Ctrl-C or SIGTERM).
     #[arg(long)]
     polls: Option<u64>,
+    #[command(flatten)]
+    timeouts: TimeoutArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -63,6 +70,7 @@ pub struct RunConfig {
     load: LoadOptions,
     show: usize,
     polls: Option<u64>,
+    timeouts: Timeouts,
 }
 
 impl RunArgs {
@@ -93,6 +101,7 @@ impl RunArgs {
             },
             show: self.show,
             polls: self.polls,
+            timeouts: self.timeouts.resolve(),
         })
     }
 }
@@ -133,20 +142,26 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
             a.iface, a.xdp_mode
         );
     }
+    let mut agent = Agent::new(kernel, cfg.timeouts);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(poll_loop(&mut kernel, &cfg));
-    // Dropping the kernel handle detaches every program: say so, since a
-    // monitor that leaves programs behind is a monitor nobody trusts.
-    drop(kernel);
+    let result = rt.block_on(poll_loop(&mut agent, &cfg));
+    // Report what is still open, then drop the kernel handle, which detaches
+    // every program: a monitor that leaves programs behind is not trusted.
+    let flushed = if result.is_ok() {
+        poll_once(&mut agent, &cfg, true)
+    } else {
+        Ok(())
+    };
+    drop(agent);
     eprintln!("flowmon: detached");
-    result
+    result.and(flushed)
 }
 
-async fn poll_loop(kernel: &mut Kernel, cfg: &RunConfig) -> anyhow::Result<()> {
+async fn poll_loop(agent: &mut Agent, cfg: &RunConfig) -> anyhow::Result<()> {
     let mut logger = if cfg.load.kernel_log {
-        kernel.kernel_logger()
+        agent.kernel.kernel_logger()
     } else {
         None
     };
@@ -154,7 +169,6 @@ async fn poll_loop(kernel: &mut Kernel, cfg: &RunConfig) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(cfg.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
-    let mut tracker = Tracker::default();
     let mut polls = 0u64;
     loop {
         tokio::select! {
@@ -165,35 +179,48 @@ async fn poll_loop(kernel: &mut Kernel, cfg: &RunConfig) -> anyhow::Result<()> {
         if let Some(l) = logger.as_mut() {
             l.flush();
         }
-        let flows = kernel.flows()?;
-        let totals = kernel.stats()?;
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let poll = tracker.poll(flows, totals, cfg.ifaces.clone(), now_ms);
-        let names = iface::names();
-        let out = if cfg.json {
-            let mut line = summary::poll_json(&poll, &names, &Clock::now()).to_string();
-            line.push('\n');
-            line
-        } else {
-            summary::poll_text(&poll, &names, cfg.show)
-        };
-        let mut stdout = io::stdout().lock();
-        match stdout
-            .write_all(out.as_bytes())
-            .and_then(|()| stdout.flush())
-        {
-            Ok(()) => {}
-            // A closed pipe (`flowmon run | head`) is a normal way to stop.
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
-            Err(e) => return Err(e.into()),
+        match poll_once(agent, cfg, false) {
+            Err(e) if is_broken_pipe(&e) => return Ok(()),
+            r => r?,
         }
         polls += 1;
         if cfg.polls.is_some_and(|n| polls >= n) {
             return Ok(());
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>()
+        .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// One poll: read, report, print. `flush` reports every connection still
+/// in the table (when stopping).
+fn poll_once(agent: &mut Agent, cfg: &RunConfig, flush: bool) -> anyhow::Result<()> {
+    let names = iface::names();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let result = agent.poll(agent::monotonic_ns(), now_ms, &names, flush)?;
+    let out = if cfg.json {
+        let mut obj = summary::poll_json(&result.poll, &names, &Clock::now());
+        obj["closed"] = result.closed.iter().map(ConnRecord::to_json).collect();
+        let mut line = obj.to_string();
+        line.push('\n');
+        line
+    } else {
+        let mut text = summary::poll_text(&result.poll, &names, cfg.show);
+        for r in &result.closed {
+            text.push_str(&summary::closed_text(r));
+        }
+        text
+    };
+    let mut stdout = io::stdout().lock();
+    stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush())?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,135 @@
+//! The live agent's poll: read the kernel's table, report the connections
+//! that have finished, remove them, and summarise the rest.
+//!
+//! # Read and remove without losing or doubling a count
+//! A poll first reads every entry, then decides from that copy which
+//! connections are finished. Packets keep arriving in between, so the copy
+//! is never what gets reported: each finished entry is removed with
+//! `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which returns the value as of the
+//! deletion, atomically with it. Every packet counted before the deletion is
+//! in that value; a packet after it finds no entry and starts a new one,
+//! which a later poll reports on its own. Nothing is counted in two records,
+//! and nothing falls between them. Connections the kernel itself retired (a
+//! new SYN on their tuple) arrive through the CLOSED ring buffer, and were
+//! replaced in the table in the same program run, so they too are whole.
+
+use std::{collections::HashMap, time::Duration};
+
+use flowmon_common::flow::{FlowKey, FlowValue};
+
+use crate::{
+    close::{Close, Timeouts},
+    kernel::{Kernel, KernelError},
+    model::Conn,
+    record::{self, ConnRecord},
+    summary::{Clock, Poll, Tracker},
+};
+
+/// Whether a connection in class `close`, silent for `silent`, should be
+/// reported and removed now. Closed connections wait out the linger, so
+/// trailing ACKs and RSTs are counted in them and do not start new entries.
+pub fn is_due(close: Close, silent: Duration, t: &Timeouts) -> bool {
+    match close {
+        Close::Fin | Close::FinRst | Close::Rst | Close::Refused | Close::OrphanRst => {
+            silent >= t.linger
+        }
+        // These classes are only given once their timeout has passed.
+        Close::Unanswered | Close::HalfClosed | Close::Idle => true,
+        Close::Open | Close::Connecting => false,
+    }
+}
+
+/// One poll's output.
+pub struct PollResult {
+    pub poll: Poll,
+    /// Connections finished and removed in this poll, oldest first.
+    pub closed: Vec<ConnRecord>,
+}
+
+/// The kernel handle plus what the agent remembers between polls.
+pub struct Agent {
+    pub kernel: Kernel,
+    pub timeouts: Timeouts,
+    tracker: Tracker,
+    /// Entries this agent removed from the table since load.
+    removed: u64,
+}
+
+impl Agent {
+    pub fn new(kernel: Kernel, timeouts: Timeouts) -> Self {
+        Self {
+            kernel,
+            timeouts,
+            tracker: Tracker::default(),
+            removed: 0,
+        }
+    }
+
+    /// Reads the table at kernel time `now_ns` (CLOCK_MONOTONIC), reports
+    /// and removes what is finished. `flush` reports and removes everything
+    /// (used when the agent stops).
+    pub fn poll(
+        &mut self,
+        now_ns: u64,
+        unix_ms: u64,
+        names: &HashMap<u32, String>,
+        flush: bool,
+    ) -> Result<PollResult, KernelError> {
+        let clock = Clock::now();
+        let mut ended: Vec<(FlowKey, FlowValue)> = self.kernel.drain_retired()?;
+        let mut live = Vec::new();
+        for (k, v) in self.kernel.flows()? {
+            let conn = Conn::new(k, v);
+            let (close, _) = conn.classify(now_ns, &self.timeouts);
+            let silent = Duration::from_nanos(now_ns.saturating_sub(conn.last_ns()));
+            if flush || is_due(close, silent, &self.timeouts) {
+                if let Some(latest) = self.kernel.take_flow(&k)? {
+                    self.removed += 1;
+                    ended.push((k, latest));
+                }
+            } else {
+                live.push((k, v));
+            }
+        }
+        let closed = record::build(
+            ended.clone(),
+            names,
+            now_ns,
+            &self.timeouts,
+            clock.offset_ns,
+        );
+        let totals = self.kernel.stats()?;
+        let ifaces = self
+            .kernel
+            .attached()
+            .iter()
+            .map(|a| a.iface.clone())
+            .collect();
+        let poll = self
+            .tracker
+            .poll(live, &ended, totals, ifaces, unix_ms, self.removed);
+        Ok(PollResult { poll, closed })
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock the kernel programs stamp packets with.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closed_connections_wait_out_the_linger() {
+        let t = Timeouts::default();
+        assert!(!is_due(Close::Fin, Duration::from_millis(1500), &t));
+        assert!(is_due(Close::Fin, Duration::from_secs(2), &t));
+        assert!(is_due(Close::Refused, Duration::from_secs(3), &t));
+        assert!(is_due(Close::Idle, Duration::ZERO, &t));
+        assert!(!is_due(Close::Open, Duration::from_secs(10_000), &t));
+        assert!(!is_due(Close::Connecting, Duration::from_secs(5), &t));
+    }
+}
