@@ -54,8 +54,8 @@ enum Inner {
 pub struct Capture {
     path: PathBuf,
     inner: Inner,
-    /// Per pcapng interface: link type and the multiplier from timestamp units to ns.
-    ifaces: Vec<(DataLink, f64, String)>,
+    /// Per pcapng interface: link type, `if_tsresol`, name.
+    ifaces: Vec<(DataLink, Option<u8>, String)>,
     count: u64,
 }
 
@@ -133,13 +133,17 @@ fn check_link(path: &Path, link: DataLink) -> Result<(), CaptureError> {
     }
 }
 
-/// pcapng `if_tsresol`: bit 7 clear, 10^-n s per unit; set, 2^-n. Default µs.
-fn units_to_ns(tsresol: Option<u8>) -> f64 {
-    match tsresol {
-        None => 1_000.0,
-        Some(r) if r & 0x80 == 0 => 10f64.powi(9 - i32::from(r)),
-        Some(r) => 1e9 / 2f64.powi(i32::from(r & 0x7f)),
-    }
+/// Converts a pcapng timestamp in interface units to nanoseconds. `if_tsresol`:
+/// bit 7 clear, 10^-n s per unit; set, 2^-n s; absent, microseconds. Integer
+/// arithmetic: Unix times in ns do not fit an f64's 53-bit mantissa.
+fn units_to_ns(raw: u64, tsresol: Option<u8>) -> u64 {
+    let raw = u128::from(raw);
+    let ns = match tsresol.unwrap_or(6) {
+        r if r & 0x80 == 0 && r <= 9 => raw * 10u128.pow(9 - u32::from(r)),
+        r if r & 0x80 == 0 => raw / 10u128.pow(u32::from(r) - 9),
+        r => (raw * 1_000_000_000) >> u32::from(r & 0x7f).min(127),
+    };
+    ns as u64
 }
 
 impl Iterator for Capture {
@@ -173,20 +177,20 @@ impl Iterator for Capture {
                         let i = self.ifaces.len();
                         self.ifaces.push((
                             idb.linktype,
-                            units_to_ns(res),
+                            res,
                             name.unwrap_or_else(|| format!("if{i}")),
                         ));
                         continue;
                     }
                     Ok(Block::EnhancedPacket(p)) => {
-                        let Some(&(link, scale, _)) = self.ifaces.get(p.interface_id as usize)
+                        let Some(&(link, tsresol, _)) = self.ifaces.get(p.interface_id as usize)
                         else {
                             return Some(Err(self.format_error(PcapError::InvalidField(
                                 "packet names an undeclared interface",
                             ))));
                         };
                         // pcap-file reads the raw timestamp as nanoseconds; rescale it.
-                        let ts = (p.timestamp.as_nanos() as f64 * scale) as u64;
+                        let ts = units_to_ns(p.timestamp.as_nanos() as u64, tsresol);
                         (ts, p.interface_id, link, p.data.into_owned())
                     }
                     Ok(Block::SimplePacket(p)) => {
@@ -281,9 +285,15 @@ mod tests {
 
     #[test]
     fn pcapng_time_resolution() {
-        assert_eq!(units_to_ns(None), 1_000.0);
-        assert_eq!(units_to_ns(Some(9)), 1.0);
-        assert_eq!(units_to_ns(Some(3)), 1_000_000.0);
-        assert_eq!(units_to_ns(Some(0x80 | 10)), 1e9 / 1024.0);
+        let us = 1_795_238_293_976_263u64;
+        assert_eq!(
+            units_to_ns(us, None),
+            us * 1000,
+            "microseconds by default, exactly"
+        );
+        assert_eq!(units_to_ns(5, Some(9)), 5);
+        assert_eq!(units_to_ns(5, Some(3)), 5_000_000);
+        assert_eq!(units_to_ns(1024, Some(0x80 | 10)), 1_000_000_000);
+        assert_eq!(units_to_ns(123_456, Some(12)), 123);
     }
 }

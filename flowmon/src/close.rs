@@ -277,10 +277,9 @@ impl Conn {
                 // Zeek: history matches /^?S[^HAFGIQ]*R.*/.
                 let h = self.history();
                 let h = h.strip_prefix('^').unwrap_or(&h);
-                let syn_then_rst = h.starts_with('S')
-                    && h[1..]
-                        .find(['H', 'A', 'F', 'R'])
-                        .is_some_and(|i| h[1..].as_bytes()[i] == b'R');
+                let syn_then_rst = h
+                    .strip_prefix('S')
+                    .is_some_and(|rest| rest.chars().find(|c| "HAFR".contains(*c)) == Some('R'));
                 return if syn_then_rst { "RSTOS0" } else { "OTH" };
             }
             return "RSTO";

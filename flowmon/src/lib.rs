@@ -6,6 +6,7 @@
 //! what the agent prints.
 
 pub mod agent;
+pub mod aggregate;
 pub mod bpfsys;
 pub mod caps;
 pub mod capture;

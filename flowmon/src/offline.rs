@@ -93,7 +93,7 @@ pub fn analyze(
     let mut table = OfflineTable::default();
     let mut end_ns = 0;
     let mut ifaces = 0;
-    while let Some(p) = cap.next() {
+    for p in cap.by_ref() {
         let p = p?;
         end_ns = end_ns.max(p.ts_ns);
         ifaces = ifaces.max(p.iface + 1);

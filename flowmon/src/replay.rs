@@ -42,11 +42,10 @@ pub fn replay(kernel: &mut Kernel, path: &Path, t: &Timeouts) -> Result<Analysis
     let mut end_ns = 0;
     let mut ifaces = 0;
     let mut retired = Vec::new();
-    let mut n = 0u64;
     let mut out = vec![0u8; MAX_TEST_FRAME + 256];
-    while let Some(p) = cap.next() {
+    for (n, p) in cap.by_ref().enumerate() {
         let p = p?;
-        n += 1;
+        let n = n as u64 + 1;
         end_ns = end_ns.max(p.ts_ns);
         ifaces = ifaces.max(p.iface + 1);
         if p.frame.len() < ETH_HLEN {

@@ -99,7 +99,9 @@ fn side(d: &flowmon_common::flow::DirStats) -> Side {
 
 /// Sums the records of each endpoint pair, keyed by (endpoint, endpoint) in
 /// the order given by `a_first`.
-fn sums(records: &[ConnRecord]) -> BTreeMap<((IpAddr, u16), (IpAddr, u16)), (Side, Side)> {
+type Endpoint = (IpAddr, u16);
+
+fn sums(records: &[ConnRecord]) -> BTreeMap<(Endpoint, Endpoint), (Side, Side)> {
     let mut m: BTreeMap<_, (Side, Side)> = BTreeMap::new();
     for r in records {
         let c = &r.conn;
@@ -320,6 +322,55 @@ fn comparable_history(zeek: &str) -> String {
     zeek.chars()
         .filter(|c| !"TtGgCcWwIiQq".contains(*c))
         .collect()
+}
+
+/// Per server port, on a real trace: the POP3 client that retried three
+/// times on each of two refusing servers, and the server that answered.
+#[test]
+fn per_server_port_metrics_on_pop3() {
+    use flowmon::aggregate::{Group, GroupBy, aggregate};
+    let a = analyze(&testdata().join("traces/pop3/pop3.pcap"));
+    let m = aggregate(&a.records, GroupBy::ServerPort);
+    let at = |ip: &str| {
+        &m[&Group {
+            ip: ip.parse().unwrap(),
+            port: Some(110),
+        }]
+    };
+    for refusing in ["212.227.15.171", "212.227.15.188"] {
+        let r = at(refusing);
+        assert_eq!(
+            (
+                r.conns, r.ct, r.syn, r.rst_srv, r.rst_clt, r.fin_clt, r.fin_srv
+            ),
+            (3, 0, 3, 3, 0, 0, 0),
+            "{refusing}"
+        );
+        assert_eq!((r.rst_per_conn_srv(), r.syn_per_conn()), (1.0, 1.0));
+        assert_eq!(r.closes.get(&flowmon::close::Close::Refused), Some(&3));
+    }
+    let ok = at("212.227.15.166");
+    assert_eq!(
+        (
+            ok.conns,
+            ok.ct,
+            ok.syn,
+            ok.fin_clt,
+            ok.fin_srv,
+            ok.rst_clt + ok.rst_srv
+        ),
+        (5, 5, 6, 5, 5, 0)
+    );
+    assert_eq!(ok.syn_per_conn(), 1.2);
+    let clients = aggregate(&a.records, GroupBy::Client);
+    assert_eq!(
+        clients[&Group {
+            ip: "192.168.0.4".parse().unwrap(),
+            port: None
+        }]
+            .conns,
+        11
+    );
 }
 
 /// The kernel path and the user-space path agree to the last field.

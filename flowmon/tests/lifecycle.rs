@@ -265,3 +265,104 @@ fn every_connection_reported_once_with_every_packet() {
     assert_eq!(totals[STAT_INSERT_FAILED as usize], 0);
     assert!(totals[STAT_FLOWS_CREATED as usize] <= u64::from(CONNECTIONS));
 }
+
+/// Connections that never close are reported and expired by timeout: a SYN
+/// nobody answers, a half-close the server never completes, an idle
+/// established connection. After their reports the table is empty.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn timeouts_report_and_expire_connections() {
+    let pair = Pair::new();
+    common::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &pair.srv_ns,
+        "nft",
+        "add table inet t; add chain inet t input { type filter hook input priority 0; policy accept; }; add rule inet t input tcp dport 19 drop",
+    ]);
+    let srv = pair.srv_v4;
+    let listener = Pair::in_ns(&pair.srv_ns, move || {
+        TcpListener::bind((srv, 7001)).unwrap()
+    });
+    // The server reads to EOF but never closes its side, and holds the sockets.
+    let held = thread::spawn(move || {
+        let mut socks = Vec::new();
+        for _ in 0..2 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).unwrap();
+            socks.push(s);
+        }
+        thread::sleep(Duration::from_secs(4));
+        drop(socks);
+    });
+    let clt_if = pair.clt_if.clone();
+    let records = Pair::in_ns(&pair.clt_ns, move || {
+        let mut k = Kernel::load(LoadOptions {
+            max_flows: 1024,
+            kernel_log: false,
+        })
+        .unwrap();
+        k.attach(&clt_if, XdpAttach::Native, false).unwrap();
+        let t = Timeouts {
+            syn: Duration::from_millis(400),
+            close: Duration::from_millis(800),
+            idle: Duration::from_millis(1200),
+            linger: Duration::from_millis(100),
+        };
+        let mut agent = Agent::new(k, t);
+        // Half-closed: the client shuts its side down, the server never does.
+        let mut half = TcpStream::connect((srv, 7001)).unwrap();
+        half.write_all(b"half").unwrap();
+        half.shutdown(std::net::Shutdown::Write).unwrap();
+        // Idle: established, one exchange, then silence.
+        let mut idle = TcpStream::connect((srv, 7001)).unwrap();
+        idle.write_all(b"idle").unwrap();
+        // Unanswered: one SYN, no retry within the test (SYN retries at 1 s).
+        let syn = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        syn.set_nonblocking(true).unwrap();
+        let _ = syn.connect(&SocketAddr::new(srv, 19).into());
+        let mut syn = Some(syn);
+        let names = HashMap::new();
+        let mut records: Vec<ConnRecord> = Vec::new();
+        for _ in 0..60 {
+            records.extend(agent.poll(monotonic_ns(), 0, &names, false).unwrap().closed);
+            // Closing the connecting socket stops its SYN retransmissions,
+            // which would otherwise start a new entry after the report.
+            if records.iter().any(|r| r.conn.server().1 == 19) {
+                syn = None;
+            }
+            if records.len() >= 3 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            agent.kernel.flows().unwrap().is_empty(),
+            "expired connections leave the table"
+        );
+        drop((half, idle, syn));
+
+        records
+    });
+    held.join().unwrap();
+    let mut classes: Vec<(u16, &str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.conn.server().1,
+                r.close.as_str(),
+                r.closed_by.as_str(),
+                r.conn_state,
+            )
+        })
+        .collect();
+    classes.sort();
+    // Ports 7001 twice (half-closed, idle) and 19.
+    assert_eq!(classes.len(), 3, "{classes:?}");
+    assert_eq!(classes[0], (19, "unanswered", "none", "S0"));
+    let rest: Vec<_> = classes[1..].iter().map(|c| (c.1, c.2, c.3)).collect();
+    assert!(rest.contains(&("half-closed", "client", "S2")), "{rest:?}");
+    assert!(rest.contains(&("idle", "none", "S1")), "{rest:?}");
+}

@@ -119,22 +119,32 @@ impl Pair {
 
     /// Starts a capture of TCP on the client's veth.
     pub fn capture(&self) -> Capture {
-        let path = std::env::temp_dir().join(format!("{}.pcap", self.clt_ns));
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.clt_ns,
-                "tcpdump",
-                "--immediate-mode",
-                "-i",
-                &self.clt_if,
-                "-U",
-                "-n",
-                "-s",
-                "128",
-                "-w",
-            ])
+        self.capture_on(&self.clt_if, None, "eth")
+    }
+
+    /// Starts a capture of TCP in the client namespace on `iface` ("any"
+    /// for all), with link type `link` (tcpdump's -y) if given.
+    pub fn capture_on(&self, iface: &str, link: Option<&str>, tag: &str) -> Capture {
+        let path = std::env::temp_dir().join(format!("{}-{tag}.pcap", self.clt_ns));
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.clt_ns,
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            iface,
+            "-U",
+            "-n",
+            "-s",
+            "128",
+        ]);
+        if let Some(l) = link {
+            cmd.args(["-y", l]);
+        }
+        let mut child = cmd
+            .arg("-w")
             .arg(&path)
             .arg("tcp")
             .stdout(Stdio::null())
@@ -181,6 +191,17 @@ pub struct Wire {
 }
 
 impl Capture {
+    /// Stops the capture and returns the file's path.
+    pub fn stop(mut self) -> PathBuf {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        self.child.wait().unwrap();
+        self.path.clone()
+    }
+
     /// Stops the capture and returns per-direction counts keyed by
     /// (source address, source port, destination address, destination port).
     pub fn finish(mut self) -> HashMap<(IpAddr, u16, IpAddr, u16), Wire> {
