@@ -9,7 +9,7 @@ use flowmon_common::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::model::Conn;
+use crate::{close::Timeouts, model::Conn, record::ConnRecord};
 
 /// JSON schema version of the poll objects.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -166,60 +166,21 @@ impl Clock {
     }
 }
 
-/// A connection as a flat JSON object, keys in the connection vocabulary.
-pub fn conn_json(c: &Conn, iface: &str, clock: &Clock) -> Value {
-    let (cip, cport) = c.client();
-    let (sip, sport) = c.server();
-    let (clt, srv) = (c.clt(), c.srv());
-    let first = [clt.first_ns, srv.first_ns]
-        .into_iter()
-        .filter(|&t| t != 0)
-        .min()
-        .unwrap_or(0);
-    let last = clt.last_ns.max(srv.last_ns);
-    let mut m = Map::new();
-    let mut put = |k: &str, v: Value| {
-        m.insert(k.to_string(), v);
-    };
-    put("client.ip", json!(cip.to_string()));
-    put("client.port", json!(cport));
-    put("server.ip", json!(sip.to_string()));
-    put("server.port", json!(sport));
-    put("iface", json!(iface));
-    put("vlan", json!(c.key.vlan));
-    put("first_seen", json!(clock.unix_secs(first)));
-    put("last_seen", json!(clock.unix_secs(last)));
-    put("duration", json!(last.saturating_sub(first) as f64 / 1e9));
-    put("pkts.clt", json!(clt.packets));
-    put("pkts.srv", json!(srv.packets));
-    put("bytes.clt", json!(clt.bytes));
-    put("bytes.srv", json!(srv.bytes));
-    put("syn.count", json!(clt.syn + srv.syn));
-    put("syn.count.clt", json!(clt.syn));
-    put("syn.count.srv", json!(srv.syn));
-    put("synack.count", json!(clt.synack + srv.synack));
-    put("synack.count.clt", json!(clt.synack));
-    put("synack.count.srv", json!(srv.synack));
-    put("fin.count", json!(clt.fin + srv.fin));
-    put("fin.count.clt", json!(clt.fin));
-    put("fin.count.srv", json!(srv.fin));
-    put("rst.count", json!(clt.rst + srv.rst));
-    put("rst.count.clt", json!(clt.rst));
-    put("rst.count.srv", json!(srv.rst));
-    put("data_pkts.clt", json!(clt.data_packets));
-    put("data_pkts.srv", json!(srv.data_packets));
-    put("direction_guessed", json!(c.direction_guessed));
-    Value::Object(m)
-}
-
 fn iface_name<'a>(names: &'a HashMap<u32, String>, ifindex: u32) -> std::borrow::Cow<'a, str> {
     names
         .get(&ifindex)
         .map_or_else(|| ifindex.to_string().into(), |n| n.as_str().into())
 }
 
-/// The poll as one JSON object (`flowmon run --json`, one per line).
-pub fn poll_json(p: &Poll, names: &HashMap<u32, String>, clock: &Clock) -> Value {
+/// The poll as one JSON object (`flowmon run --json`, one per line). Live
+/// connections are classified as of kernel time `now_ns`.
+pub fn poll_json(
+    p: &Poll,
+    names: &HashMap<u32, String>,
+    clock: &Clock,
+    now_ns: u64,
+    t: &Timeouts,
+) -> Value {
     let mut totals = Map::new();
     for (name, v) in STAT_NAMES.iter().zip(p.totals) {
         totals.insert((*name).to_string(), json!(v));
@@ -234,7 +195,11 @@ pub fn poll_json(p: &Poll, names: &HashMap<u32, String>, clock: &Clock) -> Value
         "flows_active": p.flows_active,
         "flows_new": p.flows_new,
         "delta": p.delta,
-        "changed": p.changed.iter().map(|c| conn_json(c, &iface_name(names, c.key.ifindex), clock)).collect::<Vec<_>>(),
+        "changed": p
+            .changed
+            .iter()
+            .map(|c| ConnRecord::new(*c, iface_name(names, c.key.ifindex).into_owned(), now_ns, t, clock.offset_ns).to_json())
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -446,7 +411,7 @@ mod tests {
         let clock = Clock {
             offset_ns: 1_700_000_000_000_000_000,
         };
-        let j = poll_json(&p, &names, &clock);
+        let j = poll_json(&p, &names, &clock, 4_000_000_000, &Timeouts::default());
         let c = &j["changed"][0];
         assert_eq!(c["client.ip"], "10.0.0.2");
         assert_eq!(c["client.port"], 40000);
@@ -468,6 +433,14 @@ mod tests {
         assert_eq!(c["first_seen"].as_f64(), Some(1_700_000_001.0));
         assert_eq!(c["duration"].as_f64(), Some(2.5));
         assert_eq!(c["direction_guessed"], false);
+        assert_eq!(
+            (
+                c["close"].as_str(),
+                c["closed_by"].as_str(),
+                c["conn_state"].as_str()
+            ),
+            (Some("rst"), Some("server"), Some("REJ"))
+        );
         assert_eq!(j["totals"]["flows_created"], 1);
         assert_eq!(j["schema"], SCHEMA_VERSION);
     }

@@ -202,9 +202,11 @@ fn poll_once(agent: &mut Agent, cfg: &RunConfig, flush: bool) -> anyhow::Result<
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let result = agent.poll(agent::monotonic_ns(), now_ms, &names, flush)?;
+    let now_ns = agent::monotonic_ns();
+    let result = agent.poll(now_ns, now_ms, &names, flush)?;
     let out = if cfg.json {
-        let mut obj = summary::poll_json(&result.poll, &names, &Clock::now());
+        let mut obj =
+            summary::poll_json(&result.poll, &names, &Clock::now(), now_ns, &agent.timeouts);
         obj["closed"] = result.closed.iter().map(ConnRecord::to_json).collect();
         let mut line = obj.to_string();
         line.push('\n');
