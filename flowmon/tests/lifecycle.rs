@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use common::Pair;
+use common::{Pair, bound_socket, set_linger_zero};
 use flowmon::{
     agent::{Agent, monotonic_ns},
     close::Timeouts,
@@ -48,19 +48,7 @@ fn traffic(srv: IpAddr, port: u16) -> HashMap<(u16, u16), Vec<Kind>> {
             _ => Kind::Graceful,
         };
         let target = if kind == Kind::Refused { 9 } else { port };
-        let sock = socket2::Socket::new(
-            socket2::Domain::for_address(SocketAddr::new(srv, 0)),
-            socket2::Type::STREAM,
-            None,
-        )
-        .unwrap();
-        let any: IpAddr = if srv.is_ipv4() {
-            "0.0.0.0".parse().unwrap()
-        } else {
-            "::".parse().unwrap()
-        };
-        sock.bind(&SocketAddr::new(any, 0).into()).unwrap();
-        let local = sock.local_addr().unwrap().as_socket().unwrap().port();
+        let (sock, local) = bound_socket(srv);
         if kind == Kind::Refused {
             assert!(sock.connect(&SocketAddr::new(srv, target).into()).is_err());
         } else {
@@ -70,20 +58,7 @@ fn traffic(srv: IpAddr, port: u16) -> HashMap<(u16, u16), Vec<Kind>> {
             let mut b = [0u8; 4];
             c.read_exact(&mut b).unwrap();
             if kind == Kind::Abort {
-                let l = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // Safety: valid socket and option.
-                unsafe {
-                    libc::setsockopt(
-                        c.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&raw const l).cast(),
-                        size_of::<libc::linger>() as u32,
-                    )
-                };
+                set_linger_zero(c.as_raw_fd());
             }
         }
         done.entry((local, target)).or_default().push(kind);

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Pair, Wire, settle, sh};
+use common::{Pair, Wire, bound_socket, set_linger_zero, settle, sh};
 use flowmon::{
     kernel::{Kernel, LoadOptions, XdpAttach},
     model::Conn,
@@ -154,24 +154,6 @@ fn connect(srv: IpAddr, port: u16) -> TcpStream {
         .expect("connect")
 }
 
-fn set_linger_zero(fd: i32) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // Safety: valid socket and a correctly sized option value.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const l).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    assert_eq!(r, 0, "SO_LINGER");
-}
-
 fn graceful(ctx: &Ctx) -> u16 {
     let (l, port) = ctx.listen();
     let server = thread::spawn(move || {
@@ -266,25 +248,6 @@ fn server_abort() {
         assert_eq!(flags(&clt), (1, 0, 0, 0));
         assert_eq!(flags(&srv), (0, 1, 0, 1));
     }
-}
-
-/// A client socket bound to an ephemeral port, before connect, so the test
-/// knows the port even when the connect fails.
-fn bound_socket(srv: IpAddr) -> (socket2::Socket, u16) {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(SocketAddr::new(srv, 0)),
-        socket2::Type::STREAM,
-        None,
-    )
-    .unwrap();
-    let any: IpAddr = if srv.is_ipv4() {
-        "0.0.0.0".parse().unwrap()
-    } else {
-        "::".parse().unwrap()
-    };
-    sock.bind(&SocketAddr::new(any, 0).into()).unwrap();
-    let local = sock.local_addr().unwrap().as_socket().unwrap().port();
-    (sock, local)
 }
 
 fn refused_scenario(ctx: &Ctx) -> u16 {

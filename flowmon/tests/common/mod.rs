@@ -31,6 +31,45 @@ pub fn sh(args: &[&str]) {
     );
 }
 
+/// A client socket bound to an ephemeral port, before connect, so the test
+/// knows the port even when the connect fails.
+pub fn bound_socket(srv: IpAddr) -> (socket2::Socket, u16) {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(std::net::SocketAddr::new(srv, 0)),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    let any: IpAddr = if srv.is_ipv4() {
+        "0.0.0.0".parse().unwrap()
+    } else {
+        "::".parse().unwrap()
+    };
+    sock.bind(&std::net::SocketAddr::new(any, 0).into())
+        .unwrap();
+    let local = sock.local_addr().unwrap().as_socket().unwrap().port();
+    (sock, local)
+}
+
+/// Makes close() send RST instead of FIN.
+pub fn set_linger_zero(fd: i32) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // Safety: valid socket and a correctly sized option value.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "SO_LINGER");
+}
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Two namespaces, `clt` and `srv`, joined by a veth pair with IPv4 and
