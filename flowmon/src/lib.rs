@@ -11,6 +11,7 @@ pub mod bpfsys;
 pub mod caps;
 pub mod capture;
 pub mod close;
+pub mod filter;
 pub mod iface;
 pub mod kernel;
 pub mod model;
