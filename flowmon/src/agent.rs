@@ -13,7 +13,10 @@
 //! new SYN on their tuple) arrive through the CLOSED ring buffer, and were
 //! replaced in the table in the same program run, so they too are whole.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    time::Duration,
+};
 
 use flowmon_common::flow::{FlowKey, FlowValue};
 
@@ -53,6 +56,10 @@ pub struct Agent {
     tracker: Tracker,
     /// Entries this agent removed from the table since load.
     removed: u64,
+    /// Recently finished connections, newest last, for queries.
+    recent: VecDeque<ConnRecord>,
+    /// How many finished connections `recent` keeps.
+    pub keep: usize,
 }
 
 impl Agent {
@@ -62,6 +69,8 @@ impl Agent {
             timeouts,
             tracker: Tracker::default(),
             removed: 0,
+            recent: VecDeque::new(),
+            keep: 100_000,
         }
     }
 
@@ -108,7 +117,28 @@ impl Agent {
         let poll = self
             .tracker
             .poll(live, &ended, totals, ifaces, unix_ms, self.removed);
+        self.recent.extend(closed.iter().cloned());
+        while self.recent.len() > self.keep {
+            self.recent.pop_front();
+        }
         Ok(PollResult { poll, closed })
+    }
+
+    /// What queries see: the recently finished connections, then every
+    /// connection in the table, classified as of `now_ns`.
+    pub fn records(
+        &self,
+        now_ns: u64,
+        names: &HashMap<u32, String>,
+    ) -> Result<Vec<ConnRecord>, KernelError> {
+        let live = record::build(
+            self.kernel.flows()?,
+            names,
+            now_ns,
+            &self.timeouts,
+            Clock::now().offset_ns,
+        );
+        Ok(self.recent.iter().cloned().chain(live).collect())
     }
 }
 

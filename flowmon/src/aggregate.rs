@@ -15,13 +15,17 @@ pub enum GroupBy {
     Server,
     /// Server address and port.
     ServerPort,
+    /// Client address, server address and port.
+    Conversation,
 }
 
-/// Group key: an address, and the server port for [`GroupBy::ServerPort`].
+/// Group key: an address, the server port for [`GroupBy::ServerPort`], and
+/// the client too for [`GroupBy::Conversation`] (then `ip` is the server's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Group {
     pub ip: IpAddr,
     pub port: Option<u16>,
+    pub client: Option<IpAddr>,
 }
 
 /// Metrics of one group.
@@ -84,8 +88,12 @@ impl Metrics {
             "rst.per_conn": self.rst_per_conn(),
             "rst.per_conn.clt": self.rst_per_conn_clt(),
             "rst.per_conn.srv": self.rst_per_conn_srv(),
-            "close": self.closes.iter().map(|(c, n)| (c.as_str().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         });
+        // The close mix as one numeric field per class, so filters reach it:
+        // `close.refused > 0`.
+        for c in Close::ALL {
+            v[format!("close.{}", c.as_str())] = json!(self.closes.get(&c).copied().unwrap_or(0));
+        }
         let who = if by == GroupBy::Client {
             "client"
         } else {
@@ -94,6 +102,9 @@ impl Metrics {
         v[format!("{who}.ip")] = json!(g.ip.to_string());
         if let Some(p) = g.port {
             v["server.port"] = json!(p);
+        }
+        if let Some(c) = g.client {
+            v["client.ip"] = json!(c.to_string());
         }
         v
     }
@@ -107,18 +118,27 @@ fn ratio(a: u64, b: u64) -> f64 {
 pub fn aggregate(records: &[ConnRecord], by: GroupBy) -> BTreeMap<Group, Metrics> {
     let mut m: BTreeMap<Group, Metrics> = BTreeMap::new();
     for r in records {
+        let (client, (server, port)) = (r.conn.client().0, r.conn.server());
         let g = match by {
             GroupBy::Client => Group {
-                ip: r.conn.client().0,
+                ip: client,
                 port: None,
+                client: None,
             },
             GroupBy::Server => Group {
-                ip: r.conn.server().0,
+                ip: server,
                 port: None,
+                client: None,
             },
             GroupBy::ServerPort => Group {
-                ip: r.conn.server().0,
-                port: Some(r.conn.server().1),
+                ip: server,
+                port: Some(port),
+                client: None,
+            },
+            GroupBy::Conversation => Group {
+                ip: server,
+                port: Some(port),
+                client: Some(client),
             },
         };
         m.entry(g).or_default().add(r);
@@ -177,6 +197,7 @@ mod tests {
         let pop = &by_port[&Group {
             ip: "10.0.0.1".parse().unwrap(),
             port: Some(110),
+            client: None,
         }];
         assert_eq!(
             (pop.conns, pop.ct, pop.syn, pop.rst_srv, pop.rst_clt),
@@ -194,6 +215,7 @@ mod tests {
         let server = &aggregate(&records, GroupBy::Server)[&Group {
             ip: "10.0.0.1".parse().unwrap(),
             port: None,
+            client: None,
         }];
         assert_eq!(
             (server.conns, server.syn, server.closes[&Close::Unanswered]),
@@ -203,6 +225,7 @@ mod tests {
             &Group {
                 ip: "10.0.0.1".parse().unwrap(),
                 port: Some(110),
+                client: None,
             },
             GroupBy::ServerPort,
         );
@@ -211,7 +234,7 @@ mod tests {
                 j["server.ip"].as_str(),
                 j["server.port"].as_u64(),
                 j["rst.per_conn"].as_f64(),
-                j["close"]["refused"].as_u64()
+                j["close.refused"].as_u64()
             ),
             (Some("10.0.0.1"), Some(110), Some(1.0), Some(2))
         );

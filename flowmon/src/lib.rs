@@ -7,15 +7,20 @@
 
 pub mod agent;
 pub mod aggregate;
+pub mod api;
 pub mod bpfsys;
 pub mod caps;
 pub mod capture;
 pub mod close;
+pub mod diagnose;
 pub mod filter;
 pub mod iface;
 pub mod kernel;
 pub mod model;
 pub mod offline;
 pub mod record;
+pub mod render;
 pub mod replay;
+pub mod services;
 pub mod summary;
+pub mod views;

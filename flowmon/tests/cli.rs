@@ -36,6 +36,7 @@ fn xdp_attached(ns: &str, iface: &str) -> bool {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn run_json_counts_a_connection_and_detaches_on_exit() {
     let pair = Pair::new();
+    let sock = format!("/tmp/{}-api.sock", pair.clt_ns);
     let mut child = in_ns(
         &pair.clt_ns,
         &[
@@ -45,6 +46,10 @@ fn run_json_counts_a_connection_and_detaches_on_exit() {
             "--json",
             "--interval",
             "300ms",
+            "--linger",
+            "500ms",
+            "--socket",
+            &sock,
         ],
     )
     .stdout(Stdio::piped())

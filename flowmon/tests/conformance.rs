@@ -335,6 +335,7 @@ fn per_server_port_metrics_on_pop3() {
         &m[&Group {
             ip: ip.parse().unwrap(),
             port: Some(110),
+            client: None,
         }]
     };
     for refusing in ["212.227.15.171", "212.227.15.188"] {
@@ -366,7 +367,8 @@ fn per_server_port_metrics_on_pop3() {
     assert_eq!(
         clients[&Group {
             ip: "192.168.0.4".parse().unwrap(),
-            port: None
+            port: None,
+            client: None,
         }]
             .conns,
         11

@@ -12,8 +12,10 @@ use crate::util::{self, output};
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the privileged tests run.
+/// Debian packages the tests run, and netbase for /etc/services (the
+/// application names `conversations` shows).
 const PACKAGES: &[&str] = &[
+    "netbase",
     "iproute2",
     "tcpdump",
     "tshark",

@@ -7,9 +7,14 @@ use clap::{Parser, Subcommand};
 use flowmon::kernel::KernelError;
 
 mod analyze;
+mod conversations;
+mod diagnose;
+mod flows;
+mod query;
 mod replay;
 mod run;
 mod timeouts;
+mod top;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,6 +49,14 @@ enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Push a capture through the kernel program (BPF_PROG_TEST_RUN) and report like analyze.
     Replay(replay::ReplayArgs),
+    /// Connections, open and recently closed (from the agent, or --pcap FILE).
+    Flows(flows::FlowsArgs),
+    /// Top clients or servers: connections, SYN per connection, FIN/RST per side, RST per connection.
+    Top(top::TopArgs),
+    /// Drill-down per client, server and server port, with application names.
+    Conversations(conversations::ConversationsArgs),
+    /// Findings in plain words: refusals, silent drops, RST closers, aborted transfers, RSTs without connections.
+    Diagnose(diagnose::DiagnoseArgs),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -51,13 +64,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Run(a) => run::run(a.resolve()?),
         Command::Analyze(a) => analyze::run(a),
         Command::Replay(a) => replay::run(a),
+        Command::Flows(a) => flows::run(a),
+        Command::Top(a) => top::run(a),
+        Command::Conversations(a) => conversations::run(a),
+        Command::Diagnose(a) => diagnose::run(a),
     }
 }
 
 /// The exit code for an error that ended a command.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<KernelError>() {
-        Some(KernelError::Privilege { .. }) => 77,
+    if e.downcast_ref::<query::UsageError>().is_some() {
+        return 2;
+    }
+    match (
+        e.downcast_ref::<KernelError>(),
+        e.downcast_ref::<flowmon::api::ApiError>(),
+    ) {
+        (Some(KernelError::Privilege { .. }), _)
+        | (_, Some(flowmon::api::ApiError::Permission { .. })) => 77,
+        (_, Some(flowmon::api::ApiError::NoAgent { .. })) => 3,
         _ => 1,
     }
 }

@@ -8,11 +8,14 @@ use std::{
 use anyhow::{Context as _, bail};
 use flowmon::{
     agent::{self, Agent},
+    api::{self, Reply},
     close::Timeouts,
     iface,
     kernel::{Kernel, LoadOptions, XdpAttach},
     record::ConnRecord,
+    services::Services,
     summary::{self, Clock},
+    views,
 };
 
 use super::timeouts::TimeoutArgs;
@@ -50,6 +53,12 @@ pub struct RunArgs {
     polls: Option<u64>,
     #[command(flatten)]
     timeouts: TimeoutArgs,
+    /// The API socket the query commands talk to (created root-only, mode 0600).
+    #[arg(long, value_name = "PATH", default_value = flowmon::api::DEFAULT_SOCKET)]
+    socket: std::path::PathBuf,
+    /// Finished connections kept for queries.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    keep: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -71,6 +80,8 @@ pub struct RunConfig {
     show: usize,
     polls: Option<u64>,
     timeouts: Timeouts,
+    socket: std::path::PathBuf,
+    keep: usize,
 }
 
 impl RunArgs {
@@ -102,6 +113,8 @@ impl RunArgs {
             show: self.show,
             polls: self.polls,
             timeouts: self.timeouts.resolve(),
+            socket: self.socket,
+            keep: self.keep,
         })
     }
 }
@@ -143,10 +156,19 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         );
     }
     let mut agent = Agent::new(kernel, cfg.timeouts);
+    agent.keep = cfg.keep;
+    let std_listener = api::bind(&cfg.socket)
+        .with_context(|| format!("cannot serve the API on {}", cfg.socket.display()))?;
+    std_listener.set_nonblocking(true)?;
+    eprintln!("flowmon: answering queries on {}", cfg.socket.display());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(poll_loop(&mut agent, &cfg));
+    let result = rt.block_on(async {
+        let listener = tokio::net::UnixListener::from_std(std_listener)?;
+        poll_loop(&mut agent, &cfg, &listener).await
+    });
+    let _ = std::fs::remove_file(&cfg.socket);
     // Report what is still open, then drop the kernel handle, which detaches
     // every program: a monitor that leaves programs behind is not trusted.
     let flushed = if result.is_ok() {
@@ -159,7 +181,12 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     result.and(flushed)
 }
 
-async fn poll_loop(agent: &mut Agent, cfg: &RunConfig) -> anyhow::Result<()> {
+async fn poll_loop(
+    agent: &mut Agent,
+    cfg: &RunConfig,
+    listener: &tokio::net::UnixListener,
+) -> anyhow::Result<()> {
+    let services = Services::system();
     let mut logger = if cfg.load.kernel_log {
         agent.kernel.kernel_logger()
     } else {
@@ -175,6 +202,14 @@ async fn poll_loop(agent: &mut Agent, cfg: &RunConfig) -> anyhow::Result<()> {
             _ = ticker.tick() => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
+            accepted = listener.accept() => {
+                // Queries are answered between polls, one at a time: they
+                // read the same table the poll does, without locking.
+                if let Ok((stream, _)) = accepted {
+                    serve(agent, stream, &services).await;
+                }
+                continue;
+            }
         }
         if let Some(l) = logger.as_mut() {
             l.flush();
@@ -188,6 +223,29 @@ async fn poll_loop(agent: &mut Agent, cfg: &RunConfig) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Answers one API request (see `flowmon::api` for the protocol).
+async fn serve(agent: &Agent, stream: tokio::net::UnixStream, services: &Services) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(read);
+    // A client that never sends its line must not stall the polls.
+    match tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return,
+    }
+    let reply = match api::parse_request(&line) {
+        Err(reply) => reply,
+        Ok(req) => match agent.records(agent::monotonic_ns(), &iface::names()) {
+            Ok(records) => Reply::answer(views::run(&req, &records, services)),
+            Err(e) => Reply::error(format!("reading the kernel table failed: {e}"), false),
+        },
+    };
+    let mut out = serde_json::to_string(&reply).expect("a reply serializes");
+    out.push('\n');
+    let _ = tokio::time::timeout(Duration::from_secs(2), write.write_all(out.as_bytes())).await;
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
