@@ -3,9 +3,9 @@
 
 use std::net::IpAddr;
 
-use flowmon::views::{Request, View};
+use flowmon::views::View;
 
-use super::query::{self, QueryArgs};
+use super::query::{self, QueryArgs, SelectArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct ConversationsArgs {
@@ -15,27 +15,14 @@ pub struct ConversationsArgs {
     /// Only this server.
     #[arg(long, value_name = "IP")]
     server: Option<IpAddr>,
-    /// Connections or rows matching EXPR.
-    #[arg(long, short, value_name = "EXPR")]
-    filter: Option<String>,
-    /// Sort by FIELD (default: conns).
-    #[arg(long, value_name = "FIELD")]
-    sort: Option<String>,
-    /// At most N rows.
-    #[arg(long, short = 'n', value_name = "N")]
-    limit: Option<usize>,
+    #[command(flatten)]
+    select: SelectArgs,
     #[command(flatten)]
     query: QueryArgs,
 }
 
 pub fn run(a: ConversationsArgs) -> anyhow::Result<()> {
-    let req = Request {
-        filter: a.filter,
-        sort: a.sort,
-        limit: a.limit,
-        client: a.client,
-        server: a.server,
-        view: View::Conversations,
-    };
+    let mut req = a.select.request(View::Conversations);
+    (req.client, req.server) = (a.client, a.server);
     query::run(&req, &a.query)
 }

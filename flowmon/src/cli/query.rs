@@ -10,7 +10,7 @@ use flowmon::{
     api::{self, DEFAULT_SOCKET},
     offline, render,
     services::Services,
-    views::{self, Request, Response},
+    views::{self, Request, Response, View},
 };
 
 use super::timeouts::TimeoutArgs;
@@ -32,6 +32,31 @@ pub struct QueryArgs {
     /// Timeouts used to classify the capture's connections (with --pcap).
     #[command(flatten)]
     timeouts: TimeoutArgs,
+}
+
+/// Which rows and in what order: shared by `flows` and `conversations`.
+#[derive(clap::Args, Debug)]
+pub struct SelectArgs {
+    /// Only rows matching EXPR, e.g. 'rst.count > 0 and fin.count = 0'.
+    #[arg(long, short, value_name = "EXPR")]
+    pub filter: Option<String>,
+    /// Sort by FIELD (numbers descending; FIELD:asc or FIELD:desc to choose).
+    #[arg(long, value_name = "FIELD")]
+    pub sort: Option<String>,
+    /// At most N rows.
+    #[arg(long, short = 'n', value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+impl SelectArgs {
+    pub fn request(self, view: View) -> Request {
+        Request {
+            filter: self.filter,
+            sort: self.sort,
+            limit: self.limit,
+            ..Request::new(view)
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
