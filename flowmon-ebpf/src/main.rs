@@ -249,6 +249,19 @@ pub fn flowmon_tc(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Baselines for the benchmarks: the same program types doing nothing, so
+/// `cargo xtask bench` measures flowmon's cost as the difference in one run.
+/// Never attached by the agent.
+#[xdp]
+pub fn flowmon_pass_xdp(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[classifier]
+pub fn flowmon_pass_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
