@@ -73,7 +73,10 @@ struct BatchAttr {
 /// Reads a whole hash map `chunk` entries per syscall (Linux 5.6+), instead
 /// of two syscalls per entry. Entries changing meanwhile are read as they are
 /// when their bucket is copied; none is read twice.
-pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>, mut chunk: usize) -> io::Result<Vec<(K, V)>> {
+pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    mut chunk: usize,
+) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
     // Hash maps use a u32 bucket cursor; 8 bytes leave room for any map type.
     let mut cursor = [0u64; 2];
@@ -83,7 +86,11 @@ pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>, mut chunk: us
         let mut values: Vec<MaybeUninit<V>> = (0..chunk).map(|_| MaybeUninit::zeroed()).collect();
         let (input, output) = cursor.split_at_mut(1);
         let mut attr = BatchAttr {
-            in_batch: if started { input.as_ptr().addr() as u64 } else { 0 },
+            in_batch: if started {
+                input.as_ptr().addr() as u64
+            } else {
+                0
+            },
             out_batch: output.as_mut_ptr().addr() as u64,
             keys: keys.as_mut_ptr().addr() as u64,
             values: values.as_mut_ptr().addr() as u64,
@@ -95,7 +102,14 @@ pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>, mut chunk: us
         // Safety: the buffers hold `count` keys and values of the map's sizes
         // and, with the cursors, live across the call; the kernel writes
         // `count` back into `attr`.
-        let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &raw mut attr, size_of::<BatchAttr>() as u32) };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
         let err = (r != 0).then(io::Error::last_os_error);
         if err.as_ref().and_then(io::Error::raw_os_error) == Some(libc::ENOSPC) {
             // One bucket holds more entries than a chunk: retry it larger.

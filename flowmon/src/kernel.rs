@@ -267,31 +267,56 @@ impl Kernel {
     pub fn baselines(&mut self) -> Result<(&Xdp, &SchedClassifier), KernelError> {
         let xdp: &mut Xdp = self.program_mut(PASS_XDP_PROGRAM)?;
         if xdp.fd().is_err() {
-            xdp.load().map_err(|e| KernelError::Load(aya::EbpfError::ProgramError(e)))?;
+            xdp.load()
+                .map_err(|e| KernelError::Load(aya::EbpfError::ProgramError(e)))?;
         }
         let tc: &mut SchedClassifier = self.program_mut(PASS_TC_PROGRAM)?;
         if tc.fd().is_err() {
-            tc.load().map_err(|e| KernelError::Load(aya::EbpfError::ProgramError(e)))?;
+            tc.load()
+                .map_err(|e| KernelError::Load(aya::EbpfError::ProgramError(e)))?;
         }
-        let x = self.ebpf.program(PASS_XDP_PROGRAM).and_then(|p| p.try_into().ok()).expect("loaded above");
-        let t = self.ebpf.program(PASS_TC_PROGRAM).and_then(|p| p.try_into().ok()).expect("loaded above");
+        let x = self
+            .ebpf
+            .program(PASS_XDP_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded above");
+        let t = self
+            .ebpf
+            .program(PASS_TC_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded above");
         Ok((x, t))
     }
 
     /// Inserts an entry from user space (benchmarks fill the table this way).
     pub fn insert_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<(), KernelError> {
-        let map = self.ebpf.map_mut(FLOWS_MAP).ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
+        let map = self
+            .ebpf
+            .map_mut(FLOWS_MAP)
+            .ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
         let mut table: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(|source| KernelError::Map { map: FLOWS_MAP, source })?;
-        table.insert(key, value, 0).map_err(|source| KernelError::Map { map: FLOWS_MAP, source })
+            HashMap::try_from(map).map_err(|source| KernelError::Map {
+                map: FLOWS_MAP,
+                source,
+            })?;
+        table
+            .insert(key, value, 0)
+            .map_err(|source| KernelError::Map {
+                map: FLOWS_MAP,
+                source,
+            })
     }
 
     /// Kernel memory charged to the flow table (the `memlock` of its fd).
     pub fn flow_table_bytes(&self) -> Option<u64> {
-        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else { return None };
+        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else {
+            return None;
+        };
         let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(data.fd()));
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-        info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// Makes the programs use `ns` as the packet time instead of the kernel
@@ -326,8 +351,19 @@ impl Kernel {
         };
         match crate::bpfsys::lookup_batch(std::os::fd::AsFd::as_fd(data.fd()), 4096) {
             Ok(v) => Ok(v),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | 524)) => self.flows_one_by_one(),
-            Err(source) => Err(KernelError::Syscall { call: "BPF_MAP_LOOKUP_BATCH", map: FLOWS_MAP, source }),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+                ) =>
+            {
+                self.flows_one_by_one()
+            }
+            Err(source) => Err(KernelError::Syscall {
+                call: "BPF_MAP_LOOKUP_BATCH",
+                map: FLOWS_MAP,
+                source,
+            }),
         }
     }
 
@@ -335,15 +371,26 @@ impl Kernel {
     /// iterator). Entries that vanish while the table is walked (LRU
     /// eviction) are skipped, not reported as errors.
     pub fn flows_one_by_one(&self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
-        let map = self.ebpf.map(FLOWS_MAP).ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
+        let map = self
+            .ebpf
+            .map(FLOWS_MAP)
+            .ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
         let table: HashMap<&MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(|source| KernelError::Map { map: FLOWS_MAP, source })?;
+            HashMap::try_from(map).map_err(|source| KernelError::Map {
+                map: FLOWS_MAP,
+                source,
+            })?;
         let mut out = Vec::new();
         for entry in table.iter() {
             match entry {
                 Ok(kv) => out.push(kv),
                 Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(source) => return Err(KernelError::Map { map: FLOWS_MAP, source }),
+                Err(source) => {
+                    return Err(KernelError::Map {
+                        map: FLOWS_MAP,
+                        source,
+                    });
+                }
             }
         }
         Ok(out)

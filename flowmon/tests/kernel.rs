@@ -338,9 +338,19 @@ fn gso_super_packet_counts_wire_segments() {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn batched_read_equals_the_key_by_key_walk() {
-    let mut k = Kernel::load(LoadOptions { max_flows: 20_000, kernel_log: false }).unwrap();
+    let mut k = Kernel::load(LoadOptions {
+        max_flows: 20_000,
+        kernel_log: false,
+    })
+    .unwrap();
     for i in 0..10_000u32 {
-        let mut key = flowmon_common::flow::FlowKey { port_a: 80, port_b: (i % 60_000) as u16 + 1024, family: 4, ifindex: 1 + i / 60_000, ..Default::default() };
+        let mut key = flowmon_common::flow::FlowKey {
+            port_a: 80,
+            port_b: (i % 60_000) as u16 + 1024,
+            family: 4,
+            ifindex: 1 + i / 60_000,
+            ..Default::default()
+        };
         key.addr_a[..4].copy_from_slice(&[10, 0, 0, 1]);
         key.addr_b[..4].copy_from_slice(&i.to_be_bytes());
         let mut v = FlowValue::default();
@@ -353,5 +363,8 @@ fn batched_read_equals_the_key_by_key_walk() {
     walked.sort_by_key(|e| e.0);
     assert_eq!(batched.len(), 10_000);
     assert_eq!(batched, walked);
-    assert_eq!(batched.iter().map(|e| e.1.dir[0].packets).sum::<u64>(), (0..10_000u64).sum::<u64>());
+    assert_eq!(
+        batched.iter().map(|e| e.1.dir[0].packets).sum::<u64>(),
+        (0..10_000u64).sum::<u64>()
+    );
 }

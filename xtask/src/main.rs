@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod build;
 mod run;
 mod setup;
@@ -25,6 +26,8 @@ enum Task {
     Run(run::Options),
     /// Set up and run every test: unit, eBPF (BPF_PROG_TEST_RUN), network namespaces.
     Test(test::Options),
+    /// Run the performance suite and print a table (root).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Task::Build => build::run().map(|_| ()),
         Task::Run(o) => run::run(o),
         Task::Test(o) => test::run(&o),
+        Task::Bench(o) => bench::run(&o),
     }
 }

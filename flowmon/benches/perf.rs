@@ -1,0 +1,281 @@
+//! flowmon's performance, each figure measured side by side with its
+//! baseline in the same run (machines here are noisy; ratios and differences
+//! are what hold): kernel cost per packet against a do-nothing program of the
+//! same type, agent poll cost with a full table, and memory per connection.
+//! Run as root through `cargo xtask bench [--quick]`.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use aya::programs::TestRunOptions;
+use flowmon::{
+    agent::{Agent, monotonic_ns},
+    close::Timeouts,
+    kernel::{Kernel, LoadOptions},
+};
+use flowmon_common::{
+    count::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    craft::Frame,
+    flow::{FlowKey, FlowValue},
+};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The key of synthetic connection `i`: 10.0.0.1:80 <- 10.x.y.z:port.
+fn key(i: u32) -> FlowKey {
+    let mut k = FlowKey {
+        port_a: 80,
+        port_b: 1024 + (i % 60_000) as u16,
+        family: 4,
+        ifindex: 1,
+        ..Default::default()
+    };
+    k.addr_a[..4].copy_from_slice(&[10, 0, 0, 1]);
+    k.addr_b[..4].copy_from_slice(&(0x0b00_0000 + i / 60_000).to_be_bytes());
+    k
+}
+
+/// Loads flowmon with `n` connections in its table (room to spare so the
+/// LRU never evicts during the measurement).
+fn loaded(n: u32) -> Kernel {
+    let mut k = Kernel::load(LoadOptions {
+        max_flows: n + n / 4 + 1024,
+        kernel_log: false,
+    })
+    .expect("load (run as root)");
+    // Established and active: the agent keeps such connections in the table.
+    let now = monotonic_ns();
+    let mut v = FlowValue::default();
+    let srv = &mut v.dir[0];
+    (
+        srv.synack,
+        srv.packets,
+        srv.data_packets,
+        srv.first_ns,
+        srv.first_synack_ns,
+        srv.first_data_ns,
+        srv.last_ns,
+    ) = (1, 2, 1, now + 1, now + 1, now + 3, now + 3);
+    let c = &mut v.dir[1];
+    (
+        c.syn,
+        c.packets,
+        c.data_packets,
+        c.first_ns,
+        c.first_syn_ns,
+        c.first_ack_ns,
+        c.first_data_ns,
+        c.last_ns,
+    ) = (1, 3, 1, now, now, now + 2, now + 2, now + 2);
+    for i in 0..n {
+        k.insert_flow(&key(i), &v).expect("fill the table");
+    }
+    k
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Nanoseconds per run of `prog` on `frame`, median of 5 batches of `repeat`.
+fn ns_per_packet<
+    P: aya::programs::TestRun<
+            Opts<'static> = TestRunOptions<'static>,
+            Result = aya::programs::TestRunResult,
+        >,
+>(
+    prog: &P,
+    frame: &'static [u8],
+    repeat: u32,
+) -> f64 {
+    median(
+        (0..5)
+            .map(|_| {
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        repeat,
+                        ..Default::default()
+                    })
+                    .expect("test run");
+                r.duration.as_nanos() as f64
+            })
+            .collect(),
+    )
+}
+
+fn frames() -> [(&'static str, &'static [u8]); 4] {
+    // Connection 0 (10.11.0.0:1024 -> 10.0.0.1:80) exists in every table.
+    let client = ip("11.0.0.0");
+    let server = ip("10.0.0.1");
+    let mk = |flags: u8, payload: usize| -> &'static [u8] {
+        Box::leak(
+            Frame::tcp(client, 1024, server, 80, flags)
+                .payload(payload)
+                .build()
+                .into_boxed_slice(),
+        )
+    };
+    [
+        ("data", mk(TCP_ACK, 100)),
+        ("SYN", mk(TCP_SYN, 0)),
+        ("FIN", mk(TCP_FIN | TCP_ACK, 0)),
+        ("RST", mk(TCP_RST, 0)),
+    ]
+}
+
+fn kernel_cost(sizes: &[u32], repeat: u32) {
+    println!(
+        "\n## 1. Kernel cost per packet (BPF_PROG_TEST_RUN, ns, median of 5 x {repeat} runs)\n"
+    );
+    println!(
+        "| flows in table | XDP pass | XDP data | XDP SYN | XDP FIN | XDP RST | TC pass | TC data | TC SYN/FIN/RST avg | overhead XDP data | overhead XDP flags (avg) | overhead TC data |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let frames = frames();
+    for &n in sizes {
+        let mut k = loaded(n);
+        let (pass_x, pass_t) = {
+            let (x, t) = k.baselines().expect("baselines");
+            (
+                ns_per_packet(x, frames[0].1, repeat),
+                ns_per_packet(t, frames[0].1, repeat),
+            )
+        };
+        let xdp: Vec<f64> = frames
+            .iter()
+            .map(|(_, f)| ns_per_packet(k.xdp(), f, repeat))
+            .collect();
+        let tc: Vec<f64> = frames
+            .iter()
+            .map(|(_, f)| ns_per_packet(k.tc(), f, repeat))
+            .collect();
+        let flags_x = (xdp[1] + xdp[2] + xdp[3]) / 3.0;
+        let flags_t = (tc[1] + tc[2] + tc[3]) / 3.0;
+        println!(
+            "| {n} | {pass_x:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {pass_t:.0} | {:.0} | {flags_t:.0} | **{:.0}** | **{:.0}** | **{:.0}** |",
+            xdp[0],
+            xdp[1],
+            xdp[2],
+            xdp[3],
+            tc[0],
+            xdp[0] - pass_x,
+            flags_x - pass_x,
+            tc[0] - pass_t
+        );
+    }
+}
+
+fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let r = f();
+    (r, t.elapsed())
+}
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // Safety: a plain sysconf query.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+}
+
+fn agent_cost_and_memory(sizes: &[u32]) {
+    println!("\n## 2. Agent cost of one full poll (ms, median of 3)\n");
+    println!(
+        "| flows in table | read key by key (aya iterator) | read batched (BPF_MAP_LOOKUP_BATCH) | full poll (batched read + classify + deltas) |"
+    );
+    println!("|---:|---:|---:|---:|");
+    let mut memory = Vec::new();
+    for &n in sizes {
+        let k = loaded(n);
+        let walk = median(
+            (0..3)
+                .map(|_| time(|| k.flows_one_by_one().unwrap().len()).1.as_secs_f64() * 1e3)
+                .collect(),
+        );
+        let batch = median(
+            (0..3)
+                .map(|_| {
+                    time(|| assert_eq!(k.flows().unwrap().len(), n as usize))
+                        .1
+                        .as_secs_f64()
+                        * 1e3
+                })
+                .collect(),
+        );
+        let kernel_bytes = k.flow_table_bytes();
+        let max_flows = n + n / 4 + 1024;
+        // Safety: returns freed heap to the system so RSS reflects live data.
+        unsafe { libc::malloc_trim(0) };
+        let before = rss_bytes();
+        let mut agent = Agent::new(k, Timeouts::default());
+        let names = std::collections::HashMap::new();
+        let mut polls = Vec::new();
+        for _ in 0..3 {
+            let (r, d) = time(|| agent.poll(monotonic_ns(), 0, &names, false).unwrap());
+            assert_eq!(r.poll.flows_active, n as usize);
+            polls.push(d.as_secs_f64() * 1e3);
+        }
+        // Safety: as above.
+        unsafe { libc::malloc_trim(0) };
+        let after = rss_bytes();
+        println!(
+            "| {n} | {walk:.1} | {batch:.1} | **{:.1}** |",
+            median(polls)
+        );
+        memory.push((
+            n,
+            kernel_bytes.map(|b| b as f64 / f64::from(max_flows)),
+            (after.saturating_sub(before)) as f64 / f64::from(n),
+        ));
+        drop(agent);
+    }
+    println!("\n## 3. Memory per connection (bytes)\n");
+    println!(
+        "| flows | kernel (flow table memlock / max entries) | agent (RSS growth / tracked connections) |"
+    );
+    println!("|---:|---:|---:|");
+    for (n, kernel, agent) in memory {
+        println!(
+            "| {n} | {} | **{agent:.0}** |",
+            kernel.map_or("-".into(), |b| format!("{b:.0}"))
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `cargo bench` passes --bench; anything else is ignored.
+    if nix::unistd::geteuid().as_raw() != 0 {
+        eprintln!("perf: the benchmarks load eBPF programs: run as root (cargo xtask bench)");
+        std::process::exit(77);
+    }
+    let (sizes, agent_sizes, repeat): (&[u32], &[u32], u32) = if quick {
+        (&[1, 10_000, 100_000], &[100_000], 200_000)
+    } else {
+        (
+            &[1, 10_000, 100_000, 1_000_000],
+            &[100_000, 1_000_000],
+            2_000_000,
+        )
+    };
+    println!(
+        "# flowmon benchmarks ({} mode), {} CPUs, kernel {}",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    kernel_cost(sizes, repeat);
+    agent_cost_and_memory(agent_sizes);
+    println!(
+        "\n## 4. Live traffic against a libpcap peer\n\nNot measured yet (see docs/performance.md)."
+    );
+}

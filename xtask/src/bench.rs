@@ -1,0 +1,30 @@
+//! `cargo xtask bench`: the performance suite (as root), printing a table.
+
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::{setup, util};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Smaller tables and fewer repetitions: a few minutes on 2 cores.
+    #[arg(long)]
+    quick: bool,
+}
+
+pub fn run(o: &Options) -> anyhow::Result<()> {
+    if !util::is_root() {
+        bail!(
+            "the benchmarks load eBPF programs and need root (CAP_BPF, CAP_PERFMON): run as root"
+        );
+    }
+    setup::run(&setup::Options { no_packages: true })?;
+    let mut cmd = Command::new("cargo");
+    cmd.args(["bench", "--package", "flowmon", "--bench", "perf", "--"])
+        .current_dir(util::root());
+    if o.quick {
+        cmd.arg("--quick");
+    }
+    util::run(&mut cmd)
+}
