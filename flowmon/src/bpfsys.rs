@@ -81,9 +81,12 @@ pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
     // Hash maps use a u32 bucket cursor; 8 bytes leave room for any map type.
     let mut cursor = [0u64; 2];
     let mut started = false;
+    // Reused across calls; the kernel writes them, nothing reads them unwritten.
+    let mut keys: Vec<MaybeUninit<K>> = Vec::new();
+    let mut values: Vec<MaybeUninit<V>> = Vec::new();
     loop {
-        let mut keys: Vec<MaybeUninit<K>> = (0..chunk).map(|_| MaybeUninit::zeroed()).collect();
-        let mut values: Vec<MaybeUninit<V>> = (0..chunk).map(|_| MaybeUninit::zeroed()).collect();
+        keys.resize_with(chunk, MaybeUninit::uninit);
+        values.resize_with(chunk, MaybeUninit::uninit);
         let (input, output) = cursor.split_at_mut(1);
         let mut attr = BatchAttr {
             in_batch: if started {
@@ -117,6 +120,7 @@ pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
             continue;
         }
         let n = (attr.count as usize).min(chunk);
+        out.reserve(n);
         // Safety: the kernel filled the first `n` keys and values; K and V
         // are Pod, valid for any bytes.
         out.extend((0..n).map(|i| unsafe { (keys[i].assume_init(), values[i].assume_init()) }));

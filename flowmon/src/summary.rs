@@ -3,6 +3,8 @@
 
 use std::{collections::HashMap, fmt::Write as _};
 
+use rustc_hash::FxHashMap;
+
 use flowmon_common::{
     flow::{DirStats, FlowKey, FlowValue},
     stats::{STAT_COUNT, STAT_FLOWS_CREATED, STAT_NAMES},
@@ -26,15 +28,47 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn add_dir(&mut self, now: &DirStats, before: Option<&DirStats>) {
-        let z = DirStats::default();
-        let b = before.unwrap_or(&z);
-        self.packets += now.packets.saturating_sub(b.packets);
-        self.bytes += now.bytes.saturating_sub(b.bytes);
-        self.syn += u64::from(now.syn.saturating_sub(b.syn));
-        self.synack += u64::from(now.synack.saturating_sub(b.synack));
-        self.fin += u64::from(now.fin.saturating_sub(b.fin));
-        self.rst += u64::from(now.rst.saturating_sub(b.rst));
+    fn add(&mut self, now: &Digest, before: Option<&Digest>) {
+        let b = before.copied().unwrap_or_default();
+        for d in 0..2 {
+            let (n, b) = (&now.0[d], &b.0[d]);
+            self.packets += n.packets.saturating_sub(b.packets);
+            self.bytes += n.bytes.saturating_sub(b.bytes);
+            self.syn += u64::from(n.syn.saturating_sub(b.syn));
+            self.synack += u64::from(n.synack.saturating_sub(b.synack));
+            self.fin += u64::from(n.fin.saturating_sub(b.fin));
+            self.rst += u64::from(n.rst.saturating_sub(b.rst));
+        }
+    }
+}
+
+/// What the tracker remembers of a direction: the counters deltas are made
+/// of, not the times. 32 bytes where a whole `DirStats` is 104: the agent
+/// holds one of these pairs per tracked connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DirDigest {
+    packets: u64,
+    bytes: u64,
+    syn: u32,
+    synack: u32,
+    fin: u32,
+    rst: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Digest([DirDigest; 2]);
+
+impl Digest {
+    fn of(v: &FlowValue) -> Self {
+        let d = |s: &DirStats| DirDigest {
+            packets: s.packets,
+            bytes: s.bytes,
+            syn: s.syn,
+            synack: s.synack,
+            fin: s.fin,
+            rst: s.rst,
+        };
+        Self([d(&v.dir[0]), d(&v.dir[1])])
     }
 }
 
@@ -59,7 +93,7 @@ pub struct Poll {
 /// Remembers the previous poll so the next one can report what changed.
 #[derive(Default)]
 pub struct Tracker {
-    prev: HashMap<FlowKey, FlowValue>,
+    prev: FxHashMap<FlowKey, Digest>,
     prev_time_unix_ms: Option<u64>,
 }
 
@@ -76,32 +110,30 @@ impl Tracker {
         time_unix_ms: u64,
         removed: u64,
     ) -> Poll {
-        // What each tuple counted by now: its live entry plus every lifetime
-        // of it that ended since the previous poll.
-        let mut now: HashMap<FlowKey, FlowValue> = HashMap::new();
-        for (k, v) in live.iter().chain(ended) {
-            let e = now.entry(*k).or_default();
-            for d in 0..2 {
-                add_dir(&mut e.dir[d], &v.dir[d]);
-            }
-        }
+        // Each tuple's delta is what all its lifetimes counted since the
+        // previous poll: an ended lifetime continues the remembered counts,
+        // so it consumes them; a live entry on the same tuple then starts from
+        // zero, as the new connection it is.
+        let mut prev = std::mem::take(&mut self.prev);
         let mut delta = Counts::default();
-        for (k, v) in &now {
-            let before = self.prev.get(k);
-            for d in 0..2 {
-                delta.add_dir(&v.dir[d], before.map(|b| &b.dir[d]));
-            }
+        for (k, v) in ended {
+            let before = prev.remove(k);
+            delta.add(&Digest::of(v), before.as_ref());
         }
+        let mut next = FxHashMap::with_capacity_and_hasher(live.len(), Default::default());
         let mut changed = Vec::new();
         let mut flows_new = 0;
         for (k, v) in &live {
-            let before = self.prev.get(k);
+            let now = Digest::of(v);
+            let before = prev.get(k);
             if before.is_none() {
                 flows_new += 1;
             }
-            if before != Some(v) {
+            delta.add(&now, before);
+            if before != Some(&now) {
                 changed.push(Conn::new(*k, *v));
             }
+            next.insert(*k, now);
         }
         changed.sort_by_key(|c| std::cmp::Reverse(c.value.dir[0].packets + c.value.dir[1].packets));
         let interval_ms = self
@@ -113,7 +145,7 @@ impl Tracker {
         // rest of what the kernel created and no longer holds was evicted.
         let flows_evicted =
             totals[STAT_FLOWS_CREATED as usize].saturating_sub(flows_active as u64 + removed);
-        self.prev = live.into_iter().collect();
+        self.prev = next;
         self.prev_time_unix_ms = Some(time_unix_ms);
         Poll {
             time_unix_ms,
@@ -127,16 +159,6 @@ impl Tracker {
             changed,
         }
     }
-}
-
-/// Adds the counters of `b` to `a` (times are not summed).
-fn add_dir(a: &mut DirStats, b: &DirStats) {
-    a.packets += b.packets;
-    a.bytes += b.bytes;
-    a.syn += b.syn;
-    a.synack += b.synack;
-    a.fin += b.fin;
-    a.rst += b.rst;
 }
 
 /// Converts kernel times (CLOCK_MONOTONIC ns) to Unix time in seconds.
