@@ -276,6 +276,6 @@ fn main() {
     kernel_cost(sizes, repeat);
     agent_cost_and_memory(agent_sizes);
     println!(
-        "\n## 4. Live traffic against a libpcap peer\n\nNot measured yet (see docs/performance.md)."
+        "\n## 4. Live traffic against a libpcap peer\n\nNot measured yet: see docs/performance.md."
     );
 }
