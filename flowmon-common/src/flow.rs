@@ -120,6 +120,37 @@ pub struct FlowValue {
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 208);
 
+impl FlowValue {
+    /// Adds `other`, counted for the same connection elsewhere, to `self`:
+    /// counters add up, first times take the earlier, last times the later.
+    pub fn merge(&mut self, other: &FlowValue) {
+        let first = |a: u64, b: u64| match (a, b) {
+            (0, x) | (x, 0) => x,
+            (a, b) => a.min(b),
+        };
+        let mut d = 0;
+        while d < 2 {
+            let (a, b) = (&mut self.dir[d], &other.dir[d]);
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+            a.syn += b.syn;
+            a.synack += b.synack;
+            a.fin += b.fin;
+            a.rst += b.rst;
+            a.data_packets += b.data_packets;
+            a.first_ns = first(a.first_ns, b.first_ns);
+            a.last_ns = a.last_ns.max(b.last_ns);
+            a.first_syn_ns = first(a.first_syn_ns, b.first_syn_ns);
+            a.first_synack_ns = first(a.first_synack_ns, b.first_synack_ns);
+            a.first_fin_ns = first(a.first_fin_ns, b.first_fin_ns);
+            a.first_rst_ns = first(a.first_rst_ns, b.first_rst_ns);
+            a.first_data_ns = first(a.first_data_ns, b.first_data_ns);
+            a.first_ack_ns = first(a.first_ack_ns, b.first_ack_ns);
+            d += 1;
+        }
+    }
+}
+
 /// A connection the kernel retired from the table because a new one started
 /// on its tuple (a SYN after FIN or RST): sent to user space through the
 /// CLOSED ring buffer, so that both lifetimes are reported apart.

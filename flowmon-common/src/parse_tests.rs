@@ -333,3 +333,42 @@ fn counting_a_whole_connection() {
         (1001, 1004, 1006, 0, 0)
     );
 }
+
+#[test]
+fn merging_two_counts_of_one_connection() {
+    let mut a = FlowValue::default();
+    let mut b = FlowValue::default();
+    (
+        a.dir[0].packets,
+        a.dir[0].first_ns,
+        a.dir[0].last_ns,
+        a.dir[0].first_syn_ns,
+        a.dir[0].syn,
+    ) = (3, 10, 30, 10, 1);
+    (
+        b.dir[0].packets,
+        b.dir[0].first_ns,
+        b.dir[0].last_ns,
+        b.dir[0].first_fin_ns,
+        b.dir[0].fin,
+    ) = (2, 40, 50, 50, 1);
+    (b.dir[1].packets, b.dir[1].first_ns, b.dir[1].last_ns) = (1, 45, 45);
+    a.merge(&b);
+    let d = a.dir[0];
+    assert_eq!(
+        (
+            d.packets,
+            d.first_ns,
+            d.last_ns,
+            d.first_syn_ns,
+            d.first_fin_ns,
+            d.syn,
+            d.fin
+        ),
+        (5, 10, 50, 10, 50, 1, 1)
+    );
+    assert_eq!(
+        (a.dir[1].packets, a.dir[1].first_ns, a.dir[1].last_ns),
+        (1, 45, 45)
+    );
+}

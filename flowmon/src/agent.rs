@@ -12,6 +12,10 @@
 //! and nothing falls between them. Connections the kernel itself retired (a
 //! new SYN on their tuple) arrive through the CLOSED ring buffer, and were
 //! replaced in the table in the same program run, so they too are whole.
+//! When that retirement happens between the read and the take, the take
+//! returns the new connection instead; the agent sees its first-packet time
+//! differ from the one it classified and puts it back (merging any entry that
+//! started in the meantime).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -92,8 +96,7 @@ impl Agent {
             let (close, _) = conn.classify(now_ns, &self.timeouts);
             let silent = Duration::from_nanos(now_ns.saturating_sub(conn.last_ns()));
             if flush || is_due(close, silent, &self.timeouts) {
-                if let Some(latest) = self.kernel.take_flow(&k)? {
-                    self.removed += 1;
+                if let Some(latest) = self.take_finished(&k, &conn)? {
                     ended.push((k, latest));
                 }
             } else {
@@ -122,6 +125,27 @@ impl Agent {
             self.recent.pop_front();
         }
         Ok(PollResult { poll, closed })
+    }
+
+    /// Removes the finished connection `seen` (read earlier from the table)
+    /// and returns its final value. `None` if it is gone, or if the kernel
+    /// retired it in the meantime because a new SYN reached its tuple: then
+    /// what the take returned is the new connection, which is put back (the
+    /// retired one arrives through the ring buffer).
+    pub fn take_finished(
+        &mut self,
+        key: &FlowKey,
+        seen: &Conn,
+    ) -> Result<Option<FlowValue>, KernelError> {
+        let Some(latest) = self.kernel.take_flow(key)? else {
+            return Ok(None);
+        };
+        if Conn::new(*key, latest).first_ns() == seen.first_ns() {
+            self.removed += 1;
+            return Ok(Some(latest));
+        }
+        self.kernel.restore_flow(key, latest)?;
+        Ok(None)
     }
 
     /// What queries see: the recently finished connections, then every

@@ -55,6 +55,41 @@ pub fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
     }
 }
 
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_NOEXIST: u64 = 1;
+
+/// Inserts `key` only if absent: `Ok(false)` when it already exists.
+pub fn insert_new<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+) -> io::Result<bool> {
+    let attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: (key as *const K).addr() as u64,
+        value: (value as *const V).addr() as u64,
+        flags: BPF_NOEXIST,
+    };
+    // Safety: `attr` points to a live key and value of the map's types.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            &raw const attr,
+            size_of::<ElemAttr>() as u32,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EEXIST) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// The `batch` member of `union bpf_attr`.

@@ -411,6 +411,33 @@ impl Kernel {
         )
     }
 
+    /// Puts `value` back under `key` after a [`Kernel::take_flow`] removed the
+    /// wrong lifetime. Packets that arrived in between started a new entry;
+    /// it is taken and merged in, until the insert lands in an empty slot.
+    pub fn restore_flow(&self, key: &FlowKey, mut value: FlowValue) -> Result<(), KernelError> {
+        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else {
+            return Err(KernelError::MapMissing { map: FLOWS_MAP });
+        };
+        let fd = std::os::fd::AsFd::as_fd(data.fd());
+        loop {
+            match crate::bpfsys::insert_new(fd, key, &value) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    if let Some(newer) = self.take_flow(key)? {
+                        value.merge(&newer);
+                    }
+                }
+                Err(source) => {
+                    return Err(KernelError::Syscall {
+                        call: "BPF_MAP_UPDATE_ELEM",
+                        map: FLOWS_MAP,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
     /// Connections the programs retired because a new connection started on
     /// their tuple, oldest first.
     pub fn drain_retired(&mut self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {

@@ -368,3 +368,61 @@ fn batched_read_equals_the_key_by_key_walk() {
         (0..10_000u64).sum::<u64>()
     );
 }
+
+/// The race between the agent's read and its take: a new SYN arrives on the
+/// tuple of a finished connection in between. The kernel retires the old
+/// lifetime to the ring buffer; the take then returns the new connection,
+/// which must go back into the table, not be reported as finished.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_new_syn_between_read_and_take_is_put_back() {
+    use flowmon::{agent::Agent, close::Timeouts, model::Conn};
+    let mut k = load();
+    let (c, s) = (ip("10.3.0.2"), ip("10.3.0.1"));
+    let at = |k: &mut Kernel, t: u64| k.set_clock_override(t).unwrap();
+    at(&mut k, 1_000);
+    xdp(&k, &Frame::tcp(c, 4000, s, 80, TCP_SYN).build());
+    at(&mut k, 2_000);
+    xdp(&k, &Frame::tcp(s, 80, c, 4000, TCP_SYN | TCP_ACK).build());
+    at(&mut k, 3_000);
+    xdp(&k, &Frame::tcp(c, 4000, s, 80, TCP_RST).build());
+    // The agent reads the table and finds the connection finished...
+    let (key, seen) = only_flow(&k);
+    let seen = Conn::new(key, seen);
+    // ...and before it takes it, the client reuses the tuple.
+    at(&mut k, 9_000);
+    xdp(&k, &Frame::tcp(c, 4000, s, 80, TCP_SYN).build());
+    let mut agent = Agent::new(k, Timeouts::default());
+    assert_eq!(
+        agent.take_finished(&key, &seen).unwrap(),
+        None,
+        "the new connection is not reported"
+    );
+    let (back_key, back) = only_flow(&agent.kernel);
+    assert_eq!(back_key, key);
+    assert_eq!(
+        (
+            back.dir[DIR_B_TO_A].syn,
+            back.dir[DIR_B_TO_A].first_syn_ns,
+            back.dir[DIR_A_TO_B].packets
+        ),
+        (1, 9_000, 0),
+        "the new connection is back, whole"
+    );
+    let retired = agent.kernel.drain_retired().unwrap();
+    assert_eq!(retired.len(), 1);
+    assert_eq!(
+        (
+            retired[0].1.dir[DIR_B_TO_A].rst,
+            retired[0].1.dir[DIR_A_TO_B].synack,
+            retired[0].1.dir[DIR_B_TO_A].first_ns
+        ),
+        (1, 1, 1_000),
+        "the old lifetime comes through the ring buffer"
+    );
+    // Without the race the take returns the connection it read.
+    let (key, v) = only_flow(&agent.kernel);
+    let seen = Conn::new(key, v);
+    assert_eq!(agent.take_finished(&key, &seen).unwrap(), Some(v));
+    assert!(agent.kernel.flows().unwrap().is_empty());
+}
