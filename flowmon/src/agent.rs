@@ -103,13 +103,6 @@ impl Agent {
                 live.push((k, v));
             }
         }
-        let closed = record::build(
-            ended.clone(),
-            names,
-            now_ns,
-            &self.timeouts,
-            clock.offset_ns,
-        );
         let totals = self.kernel.stats()?;
         let ifaces = self
             .kernel
@@ -120,6 +113,7 @@ impl Agent {
         let poll = self
             .tracker
             .poll(live, &ended, totals, ifaces, unix_ms, self.removed);
+        let closed = record::build(ended, names, now_ns, &self.timeouts, clock.offset_ns);
         self.recent.extend(closed.iter().cloned());
         while self.recent.len() > self.keep {
             self.recent.pop_front();

@@ -162,14 +162,16 @@ fn parse(text: &str, fields: &[(&str, Type)]) -> Result<Expr, ViewError> {
     })
 }
 
+/// Whether `r` passes the request's `client` and `server` address options.
+fn keep_by_ip(req: &Request, r: &ConnRecord) -> bool {
+    req.client.is_none_or(|c| r.conn.client().0 == c)
+        && req.server.is_none_or(|s| r.conn.server().0 == s)
+}
+
 fn filter_records<'a>(
     req: &Request,
     records: &'a [ConnRecord],
 ) -> Result<Vec<&'a ConnRecord>, ViewError> {
-    let keep_by_ip = |r: &ConnRecord| {
-        req.client.is_none_or(|c| r.conn.client().0 == c)
-            && req.server.is_none_or(|s| r.conn.server().0 == s)
-    };
     let expr = req
         .filter
         .as_deref()
@@ -177,7 +179,7 @@ fn filter_records<'a>(
         .transpose()?;
     Ok(records
         .iter()
-        .filter(|r| keep_by_ip(r) && expr.as_ref().is_none_or(|e| e.matches(&r.to_json())))
+        .filter(|r| keep_by_ip(req, r) && expr.as_ref().is_none_or(|e| e.matches(&r.to_json())))
         .collect())
 }
 
@@ -261,13 +263,9 @@ fn grouped(
             }
         }
     };
-    let keep_by_ip = |r: &&ConnRecord| {
-        req.client.is_none_or(|c| r.conn.client().0 == c)
-            && req.server.is_none_or(|s| r.conn.server().0 == s)
-    };
     let kept: Vec<ConnRecord> = records
         .iter()
-        .filter(keep_by_ip)
+        .filter(|r| keep_by_ip(req, r))
         .filter(|r| conn_filter.as_ref().is_none_or(|e| e.matches(&r.to_json())))
         .cloned()
         .collect();

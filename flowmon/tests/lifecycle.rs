@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Pair, bound_socket, set_linger_zero};
+use common::{Pair, both_ways, bound_socket, set_linger_zero};
 use flowmon::{
     agent::{Agent, monotonic_ns},
     close::Timeouts,
@@ -177,14 +177,7 @@ fn every_connection_reported_once_with_every_packet() {
         // The wire merges a reused tuple's lifetimes; so do the sums here.
         let (cip, cport) = ours[0].conn.client();
         let (sip, sport) = ours[0].conn.server();
-        let up = wire
-            .get(&(cip, cport, sip, sport))
-            .copied()
-            .unwrap_or_default();
-        let down = wire
-            .get(&(sip, sport, cip, cport))
-            .copied()
-            .unwrap_or_default();
+        let (up, down) = both_ways(&wire, (cip, cport), (sip, sport));
         let sum = |f: &dyn Fn(&ConnRecord) -> [u64; 5]| {
             ours.iter()
                 .map(|r| f(r))

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Pair, Wire, bound_socket, set_linger_zero, settle, sh};
+use common::{Pair, Wire, both_ways, bound_socket, set_linger_zero, settle, sh};
 use flowmon::{
     kernel::{Kernel, LoadOptions, XdpAttach},
     model::Conn,
@@ -105,14 +105,7 @@ fn run(scenario: fn(&Ctx) -> u16) -> Vec<(DirStats, DirStats)> {
     for (c, _srv) in conns {
         let (cip, cport) = c.client();
         let (sip, sport) = c.server();
-        let up = wire
-            .get(&(cip, cport, sip, sport))
-            .copied()
-            .unwrap_or_default();
-        let down = wire
-            .get(&(sip, sport, cip, cport))
-            .copied()
-            .unwrap_or_default();
+        let (up, down) = both_ways(&wire, (cip, cport), (sip, sport));
         assert_eq!(
             view(c.clt()),
             up,

@@ -327,6 +327,19 @@ impl Capture {
     }
 }
 
+/// What a connection carried each way on the wire, client to server then
+/// server to client (zero where a direction sent nothing).
+pub fn both_ways(
+    wire: &HashMap<(IpAddr, u16, IpAddr, u16), Wire>,
+    client: (IpAddr, u16),
+    server: (IpAddr, u16),
+) -> (Wire, Wire) {
+    let get = |a: (IpAddr, u16), b: (IpAddr, u16)| {
+        wire.get(&(a.0, a.1, b.0, b.1)).copied().unwrap_or_default()
+    };
+    (get(client, server), get(server, client))
+}
+
 /// Polls `read` until two reads `quiet` apart are equal (the traffic has
 /// stopped), giving up after `limit`. Bounded polling, not a fixed sleep.
 pub fn settle<T: PartialEq>(mut read: impl FnMut() -> T, quiet: Duration, limit: Duration) -> T {
