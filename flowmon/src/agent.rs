@@ -112,7 +112,7 @@ impl Agent {
             .collect();
         let poll = self
             .tracker
-            .poll(live, &ended, totals, ifaces, unix_ms, self.removed);
+            .poll(&live, &ended, totals, ifaces, unix_ms, self.removed);
         let closed = record::build(ended, names, now_ns, &self.timeouts, clock.offset_ns);
         self.recent.extend(closed.iter().cloned());
         while self.recent.len() > self.keep {

@@ -62,7 +62,7 @@ impl Metrics {
         ratio(self.rst_srv, self.conns)
     }
 
-    fn add(&mut self, r: &ConnRecord) {
+    pub fn add(&mut self, r: &ConnRecord) {
         let (c, s) = (r.conn.clt(), r.conn.srv());
         self.conns += 1;
         self.ct += u64::from(r.conn.ct_count());
@@ -74,8 +74,8 @@ impl Metrics {
         *self.closes.entry(r.close).or_default() += 1;
     }
 
-    /// Flat JSON in the vocabulary's style.
-    pub fn to_json(&self, g: &Group, by: GroupBy) -> Value {
+    /// The metrics alone as flat JSON, in the vocabulary's style.
+    pub fn fields_json(&self) -> Value {
         let mut v = json!({
             "conns": self.conns,
             "ct.count": self.ct,
@@ -94,6 +94,12 @@ impl Metrics {
         for c in Close::ALL {
             v[format!("close.{}", c.as_str())] = json!(self.closes.get(&c).copied().unwrap_or(0));
         }
+        v
+    }
+
+    /// The metrics and the group's keys as flat JSON.
+    pub fn to_json(&self, g: &Group, by: GroupBy) -> Value {
+        let mut v = self.fields_json();
         let who = if by == GroupBy::Client {
             "client"
         } else {

@@ -88,6 +88,11 @@ impl Close {
         }
     }
 
+    /// The class named `s` (as [`Close::as_str`] writes it).
+    pub fn parse(s: &str) -> Option<Close> {
+        Close::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     /// Whether no further packet can change the class (only trailing ones,
     /// which the linger absorbs).
     pub fn is_final(self) -> bool {
@@ -115,6 +120,18 @@ impl ClosedBy {
             ClosedBy::Both => "both",
             ClosedBy::None => "none",
         }
+    }
+
+    /// The side named `s` (as [`ClosedBy::as_str`] writes it).
+    pub fn parse(s: &str) -> Option<ClosedBy> {
+        [
+            ClosedBy::Client,
+            ClosedBy::Server,
+            ClosedBy::Both,
+            ClosedBy::None,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
     }
 
     fn from_sides(client: bool, server: bool) -> Self {

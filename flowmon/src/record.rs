@@ -43,6 +43,28 @@ impl ConnRecord {
         }
     }
 
+    /// A record read back from history: the class and times as they were
+    /// reported, the rest derived again from the entry.
+    pub fn from_parts(
+        conn: Conn,
+        iface: String,
+        close: Close,
+        closed_by: ClosedBy,
+        first_seen: f64,
+        last_seen: f64,
+    ) -> Self {
+        Self {
+            conn_state: conn.conn_state(),
+            history: conn.history(),
+            conn,
+            iface,
+            close,
+            closed_by,
+            first_seen,
+            last_seen,
+        }
+    }
+
     /// The flat JSON object, keys in the connection vocabulary.
     pub fn to_json(&self) -> Value {
         let c = &self.conn;

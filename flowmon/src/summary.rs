@@ -1,7 +1,10 @@
 //! What `flowmon run` prints each poll: pure functions from map contents to a
 //! [`Poll`], rendered as one compact text block or one JSON object.
 
-use std::{collections::HashMap, fmt::Write as _};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+};
 
 use rustc_hash::FxHashMap;
 
@@ -28,16 +31,32 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn add(&mut self, now: &Digest, before: Option<&Digest>) {
+    fn add_dir(&mut self, n: &DirDigest, b: &DirDigest) {
+        self.packets += n.packets.saturating_sub(b.packets);
+        self.bytes += n.bytes.saturating_sub(b.bytes);
+        self.syn += u64::from(n.syn.saturating_sub(b.syn));
+        self.synack += u64::from(n.synack.saturating_sub(b.synack));
+        self.fin += u64::from(n.fin.saturating_sub(b.fin));
+        self.rst += u64::from(n.rst.saturating_sub(b.rst));
+    }
+}
+
+/// Deltas in total and per side: `sides[0]` what clients sent, `sides[1]`
+/// what servers sent.
+#[derive(Default)]
+struct Deltas {
+    total: Counts,
+    sides: [Counts; 2],
+}
+
+impl Deltas {
+    fn add(&mut self, k: &FlowKey, v: &FlowValue, now: &Digest, before: Option<&Digest>) {
         let b = before.copied().unwrap_or_default();
+        let (client_dir, _) = crate::model::orient(k, v);
         for d in 0..2 {
             let (n, b) = (&now.0[d], &b.0[d]);
-            self.packets += n.packets.saturating_sub(b.packets);
-            self.bytes += n.bytes.saturating_sub(b.bytes);
-            self.syn += u64::from(n.syn.saturating_sub(b.syn));
-            self.synack += u64::from(n.synack.saturating_sub(b.synack));
-            self.fin += u64::from(n.fin.saturating_sub(b.fin));
-            self.rst += u64::from(n.rst.saturating_sub(b.rst));
+            self.total.add_dir(n, b);
+            self.sides[usize::from(d != client_dir)].add_dir(n, b);
         }
     }
 }
@@ -86,6 +105,11 @@ pub struct Poll {
     pub flows_new: usize,
     /// Counts added since the previous poll.
     pub delta: Counts,
+    /// The same per side: `[client, server]`.
+    pub sides: [Counts; 2],
+    /// Connections first seen in this poll, by interface index (whether
+    /// still open or already ended).
+    pub opened: BTreeMap<u32, u64>,
     /// Connections that saw packets since the previous poll, busiest first.
     pub changed: Vec<Conn>,
 }
@@ -103,7 +127,7 @@ impl Tracker {
     /// many entries the agent has deleted since load.
     pub fn poll(
         &mut self,
-        live: Vec<(FlowKey, FlowValue)>,
+        live: &[(FlowKey, FlowValue)],
         ended: &[(FlowKey, FlowValue)],
         totals: [u64; STAT_COUNT as usize],
         ifaces: Vec<String>,
@@ -115,21 +139,26 @@ impl Tracker {
         // so it consumes them; a live entry on the same tuple then starts from
         // zero, as the new connection it is.
         let mut prev = std::mem::take(&mut self.prev);
-        let mut delta = Counts::default();
+        let mut delta = Deltas::default();
+        let mut opened = BTreeMap::new();
         for (k, v) in ended {
             let before = prev.remove(k);
-            delta.add(&Digest::of(v), before.as_ref());
+            if before.is_none() {
+                *opened.entry(k.ifindex).or_default() += 1;
+            }
+            delta.add(k, v, &Digest::of(v), before.as_ref());
         }
         let mut next = FxHashMap::with_capacity_and_hasher(live.len(), Default::default());
         let mut changed = Vec::new();
         let mut flows_new = 0;
-        for (k, v) in &live {
+        for (k, v) in live {
             let now = Digest::of(v);
             let before = prev.get(k);
             if before.is_none() {
                 flows_new += 1;
+                *opened.entry(k.ifindex).or_default() += 1;
             }
-            delta.add(&now, before);
+            delta.add(k, v, &now, before);
             if before != Some(&now) {
                 changed.push(Conn::new(*k, *v));
             }
@@ -155,7 +184,9 @@ impl Tracker {
             flows_evicted,
             flows_active,
             flows_new,
-            delta,
+            delta: delta.total,
+            sides: delta.sides,
+            opened,
             changed,
         }
     }
@@ -344,7 +375,7 @@ mod tests {
     fn deltas_count_only_what_is_new() {
         let mut tr = Tracker::default();
         let p = tr.poll(
-            vec![flow(40000, 3, 2)],
+            &[flow(40000, 3, 2)],
             &[],
             totals(1),
             vec!["veth0".into()],
@@ -361,8 +392,19 @@ mod tests {
             ),
             (1, 5, 1, 1, 1)
         );
+        assert_eq!(
+            (
+                p.sides[0].packets,
+                p.sides[0].syn,
+                p.sides[1].packets,
+                p.sides[1].synack
+            ),
+            (3, 1, 2, 1),
+            "client and server sides"
+        );
+        assert_eq!(p.opened, BTreeMap::from([(3, 1)]));
         let p = tr.poll(
-            vec![flow(40000, 5, 2), flow(40001, 1, 1)],
+            &[flow(40000, 5, 2), flow(40001, 1, 1)],
             &[],
             totals(2),
             vec!["veth0".into()],
@@ -376,7 +418,7 @@ mod tests {
         assert_eq!(p.changed.len(), 2);
         assert_eq!(p.changed[0].key.port_b, 40000, "busiest first");
         let p = tr.poll(
-            vec![flow(40000, 5, 2), flow(40001, 1, 1)],
+            &[flow(40000, 5, 2), flow(40001, 1, 1)],
             &[],
             totals(2),
             vec!["veth0".into()],
@@ -392,10 +434,10 @@ mod tests {
     #[test]
     fn deltas_include_connections_that_ended() {
         let mut tr = Tracker::default();
-        tr.poll(vec![flow(40000, 3, 2)], &[], totals(1), vec![], 0, 0);
+        tr.poll(&[flow(40000, 3, 2)], &[], totals(1), vec![], 0, 0);
         // The connection ended at 4/2 and a new one on the same tuple has 1/0.
         let p = tr.poll(
-            vec![flow(40000, 1, 0)],
+            &[flow(40000, 1, 0)],
             &[flow(40000, 4, 2)],
             totals(1),
             vec![],
@@ -406,12 +448,13 @@ mod tests {
             p.delta.packets, 2,
             "one more packet in the old lifetime, one in the new"
         );
+        assert_eq!(p.opened, BTreeMap::from([(3, 1)]), "the new lifetime");
     }
 
     #[test]
     fn entries_gone_from_the_table_are_evictions() {
         let mut tr = Tracker::default();
-        let p = tr.poll(vec![flow(1, 1, 1)], &[], totals(5), vec![], 0, 1);
+        let p = tr.poll(&[flow(1, 1, 1)], &[], totals(5), vec![], 0, 1);
         assert_eq!(
             p.flows_evicted, 3,
             "5 created, 1 live, 1 removed by the agent"
@@ -422,7 +465,7 @@ mod tests {
     fn json_uses_the_connection_vocabulary() {
         let mut tr = Tracker::default();
         let p = tr.poll(
-            vec![flow(40000, 3, 2)],
+            &[flow(40000, 3, 2)],
             &[],
             totals(1),
             vec!["veth0".into()],
@@ -471,7 +514,7 @@ mod tests {
     fn text_names_client_then_server() {
         let mut tr = Tracker::default();
         let p = tr.poll(
-            vec![flow(40000, 3, 2)],
+            &[flow(40000, 3, 2)],
             &[],
             totals(1),
             vec!["veth0".into()],

@@ -12,8 +12,8 @@ use crate::util::{self, output};
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests run, and netbase for /etc/services (the
-/// application names `conversations` shows).
+/// Debian packages the tests run, netbase for /etc/services (the
+/// application names `conversations` shows) and a font for `flowmon graph`.
 const PACKAGES: &[&str] = &[
     "netbase",
     "iproute2",
@@ -23,6 +23,9 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "bpftool",
     "util-linux",
+    "prometheus",
+    "nfdump",
+    "fonts-dejavu-core",
 ];
 
 #[derive(clap::Args)]
