@@ -359,7 +359,11 @@ mod tests {
         );
         drop(s);
         let mut s = Store::open(&path).unwrap();
-        assert_eq!(s.prune(1500.0).unwrap(), (1, 4), "a and the four rows (global, iface, server, port)");
+        assert_eq!(
+            s.prune(1500.0).unwrap(),
+            (1, 4),
+            "a and the four rows (global, iface, server, port)"
+        );
         assert_eq!(s.conns_since(0.0).unwrap(), vec![b]);
     }
 
