@@ -16,6 +16,7 @@ pub mod diagnose;
 pub mod filter;
 pub mod iface;
 pub mod interval;
+pub mod ipfix;
 pub mod kernel;
 pub mod metrics;
 pub mod model;
