@@ -51,6 +51,8 @@ pub struct PollResult {
     pub poll: Poll,
     /// Connections finished and removed in this poll, oldest first.
     pub closed: Vec<ConnRecord>,
+    /// The entries still in the table.
+    pub live: Vec<(FlowKey, FlowValue)>,
 }
 
 /// The kernel handle plus what the agent remembers between polls.
@@ -118,7 +120,12 @@ impl Agent {
         while self.recent.len() > self.keep {
             self.recent.pop_front();
         }
-        Ok(PollResult { poll, closed })
+        Ok(PollResult { poll, closed, live })
+    }
+
+    /// The recently finished connections, oldest first.
+    pub fn recent(&self) -> impl Iterator<Item = &ConnRecord> {
+        self.recent.iter()
     }
 
     /// Removes the finished connection `seen` (read earlier from the table)
@@ -149,14 +156,23 @@ impl Agent {
         now_ns: u64,
         names: &HashMap<u32, String>,
     ) -> Result<Vec<ConnRecord>, KernelError> {
-        let live = record::build(
+        let live = self.live_records(now_ns, names)?;
+        Ok(self.recent.iter().cloned().chain(live).collect())
+    }
+
+    /// Every connection in the table, classified as of `now_ns`.
+    pub fn live_records(
+        &self,
+        now_ns: u64,
+        names: &HashMap<u32, String>,
+    ) -> Result<Vec<ConnRecord>, KernelError> {
+        Ok(record::build(
             self.kernel.flows()?,
             names,
             now_ns,
             &self.timeouts,
             Clock::now().offset_ns,
-        );
-        Ok(self.recent.iter().cloned().chain(live).collect())
+        ))
     }
 }
 

@@ -45,6 +45,10 @@ pub struct Request {
     pub client: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<IpAddr>,
+    /// Only connections seen in the last this many seconds, finished ones
+    /// read from the history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<f64>,
 }
 
 impl Request {
@@ -56,6 +60,7 @@ impl Request {
             limit: None,
             client: None,
             server: None,
+            since: None,
         }
     }
 }

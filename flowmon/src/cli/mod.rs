@@ -10,6 +10,7 @@ mod analyze;
 mod conversations;
 mod diagnose;
 mod flows;
+mod graph;
 mod query;
 mod replay;
 mod run;
@@ -57,6 +58,8 @@ enum Command {
     Conversations(conversations::ConversationsArgs),
     /// Findings in plain words: refusals, silent drops, RST closers, aborted transfers, RSTs without connections.
     Diagnose(diagnose::DiagnoseArgs),
+    /// RST per connection (client and server), SYN per connection or closes over time, from the history.
+    Graph(graph::GraphArgs),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -68,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Top(a) => top::run(a),
         Command::Conversations(a) => conversations::run(a),
         Command::Diagnose(a) => diagnose::run(a),
+        Command::Graph(a) => graph::run(a),
     }
 }
 

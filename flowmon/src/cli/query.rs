@@ -4,16 +4,18 @@
 use std::{
     io::{self, IsTerminal as _, Write as _},
     path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use flowmon::{
     api::{self, DEFAULT_SOCKET},
     offline, render,
     services::Services,
+    store::{self, Store},
     views::{self, Request, Response, View},
 };
 
-use super::timeouts::TimeoutArgs;
+use super::{run::parse_duration, timeouts::TimeoutArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct QueryArgs {
@@ -29,6 +31,13 @@ pub struct QueryArgs {
     /// Color the table: auto (on a terminal), always, never.
     #[arg(long, value_enum, default_value_t = Color::Auto)]
     color: Color,
+    /// Only connections seen in the last DURATION (e.g. 1h, 30m, 7d); finished
+    /// ones come from the history, so this reaches back across agent restarts.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    since: Option<Duration>,
+    /// The history read with --since when no agent is running.
+    #[arg(long, value_name = "PATH", default_value = store::DEFAULT_PATH)]
+    db: PathBuf,
     /// Timeouts used to classify the capture's connections (with --pcap).
     #[command(flatten)]
     timeouts: TimeoutArgs,
@@ -91,18 +100,42 @@ pub fn run(req: &Request, q: &QueryArgs) -> anyhow::Result<()> {
 }
 
 fn answer(req: &Request, q: &QueryArgs) -> anyhow::Result<Response> {
+    let since = q.since.map(|d| d.as_secs_f64());
+    let local = |records: &[flowmon::record::ConnRecord]| {
+        views::run(req, records, &Services::system()).map_err(|e| UsageError(e.to_string()).into())
+    };
     match &q.pcap {
         Some(path) => {
-            let analysis = offline::analyze(path, &q.timeouts.resolve())?;
-            views::run(req, &analysis.records, &Services::system())
-                .map_err(|e| UsageError(e.to_string()).into())
+            let mut records = offline::analyze(path, &q.timeouts.resolve())?.records;
+            // A capture's "now" is its last packet.
+            if let Some(s) = since {
+                let end = records.iter().map(|r| r.last_seen).fold(f64::MIN, f64::max);
+                records.retain(|r| r.last_seen >= end - s);
+            }
+            local(&records)
         }
-        None => api::query(&q.socket, req).map_err(|e| match e {
-            api::ApiError::Rejected {
-                message,
-                usage: true,
-            } => UsageError(message).into(),
-            e => e.into(),
-        }),
+        None => {
+            let req = Request {
+                since,
+                ..req.clone()
+            };
+            match api::query(&q.socket, &req) {
+                Err(api::ApiError::Rejected {
+                    message,
+                    usage: true,
+                }) => Err(UsageError(message).into()),
+                // History outlives the agent: answer from it.
+                Err(api::ApiError::NoAgent { .. }) if since.is_some() => {
+                    let store = Store::open_read(&q.db)?;
+                    eprintln!(
+                        "flowmon: no agent is running; answering from the history in {} (finished connections only)",
+                        q.db.display()
+                    );
+                    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+                    local(&store.conns_since(now - since.unwrap_or_default())?)
+                }
+                r => Ok(r?),
+            }
+        }
     }
 }

@@ -6,14 +6,18 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use std::{net::SocketAddr, path::PathBuf};
+
 use flowmon::{
     agent::{self, Agent},
     api::{self, Reply},
     close::Timeouts,
-    iface,
+    http, iface, ipfix,
     kernel::{Kernel, LoadOptions, XdpAttach},
     record::ConnRecord,
     services::Services,
+    sinks::{SinkConfig, Sinks},
+    snapshot, store,
     summary::{self, Clock},
     views,
 };
@@ -56,9 +60,45 @@ pub struct RunArgs {
     /// The API socket the query commands talk to (created root-only, mode 0600).
     #[arg(long, value_name = "PATH", default_value = flowmon::api::DEFAULT_SOCKET)]
     socket: std::path::PathBuf,
-    /// Finished connections kept for queries.
+    /// Finished connections kept in memory for queries.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     keep: usize,
+    /// Length of the interval aggregates (history, snapshots, graphs, metrics).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    aggregate_interval: Duration,
+    /// The history database: closed connections and interval aggregates.
+    #[arg(long, value_name = "PATH", default_value = store::DEFAULT_PATH)]
+    db: PathBuf,
+    /// Keep no history on disk.
+    #[arg(long, conflicts_with = "db")]
+    no_history: bool,
+    /// History older than this is deleted.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration)]
+    retention: Duration,
+    /// Write JSON-lines snapshot files here (schema in README.md).
+    #[arg(long, value_name = "DIR")]
+    snapshot_dir: Option<PathBuf>,
+    /// Start a new snapshot file this often.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration, requires = "snapshot_dir")]
+    snapshot_interval: Duration,
+    /// Delete the oldest snapshot files to keep them within this size (e.g. 512M, 2G).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size, requires = "snapshot_dir")]
+    snapshot_max_bytes: u64,
+    /// Serve Prometheus metrics on ADDR (PORT or IP:PORT; loopback unless an IP says otherwise).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = http::DEFAULT_METRICS_ADDR, value_parser = http::parse_addr)]
+    metrics: Option<SocketAddr>,
+    /// Export IPFIX to this collector: udp://HOST:PORT.
+    #[arg(long, value_name = "URL", value_parser = ipfix::parse_target)]
+    ipfix: Option<String>,
+    /// Long-lived connections get an IPFIX record this often.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    ipfix_active_timeout: Duration,
+    /// IPFIX observation domain.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    ipfix_domain: u32,
+    /// Private enterprise number of flowmon's own IPFIX elements (close class, closed by).
+    #[arg(long, value_name = "PEN", default_value_t = ipfix::DEFAULT_PEN)]
+    ipfix_pen: u32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -82,6 +122,8 @@ pub struct RunConfig {
     timeouts: Timeouts,
     socket: std::path::PathBuf,
     keep: usize,
+    sinks: SinkConfig,
+    metrics: Option<SocketAddr>,
 }
 
 impl RunArgs {
@@ -115,11 +157,61 @@ impl RunArgs {
             timeouts: self.timeouts.resolve(),
             socket: self.socket,
             keep: self.keep,
+            sinks: SinkConfig {
+                aggregate_interval: self.aggregate_interval,
+                db: (!self.no_history).then_some(self.db),
+                retention: self.retention,
+                snapshots: self.snapshot_dir.map(|d| {
+                    (
+                        d,
+                        snapshot::Limits::new(
+                            self.snapshot_interval.as_millis() as u64,
+                            self.snapshot_max_bytes,
+                        ),
+                    )
+                }),
+                metrics: self.metrics.is_some(),
+                ipfix: self.ipfix.map(|t| {
+                    (
+                        t,
+                        ipfix::Options {
+                            domain: self.ipfix_domain,
+                            active_timeout: self.ipfix_active_timeout,
+                            pen: self.ipfix_pen,
+                            ..ipfix::Options::default()
+                        },
+                    )
+                }),
+            },
+            metrics: self.metrics,
         })
     }
 }
 
-/// Parses `500ms`, `1s`, `1.5s`, `2m`, `1h`; a bare number is seconds.
+/// Parses `1048576`, `64K`, `512M`, `2G` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("{s:?}: the unit is K, M or G (e.g. 512M)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: write e.g. 1048576, 64K, 512M, 2G"))?;
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("{s:?}: the size must be above zero and below 16 EiB"))
+}
+
+/// Parses `500ms`, `1s`, `1.5s`, `2m`, `1h`, `7d`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -128,15 +220,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration: write e.g. 500ms, 1s, 2m, 1h"))?;
+        .map_err(|_| format!("{s:?} is not a duration: write e.g. 500ms, 1s, 2m, 1h, 7d"))?;
     let secs = match unit {
         "ms" => n / 1e3,
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86_400.0,
         other => {
             return Err(format!(
-                "unknown unit {other:?} in {s:?}: use ms, s, m or h"
+                "unknown unit {other:?} in {s:?}: use ms, s, m, h or d"
             ));
         }
     };
@@ -157,6 +250,22 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     let mut agent = Agent::new(kernel, cfg.timeouts);
     agent.keep = cfg.keep;
+    let start_unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+    let mut sinks = Sinks::open(&cfg.sinks, cfg.load.max_flows, start_unix)?;
+    if let Some(db) = &cfg.sinks.db {
+        eprintln!("flowmon: keeping history in {}", db.display());
+    }
+    // Bound before the programs poll anything, so a taken port fails early.
+    let metrics_listener = match cfg.metrics {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot serve metrics on {addr} (--metrics)"))?;
+            l.set_nonblocking(true)?;
+            eprintln!("flowmon: metrics at http://{addr}/metrics");
+            Some(l)
+        }
+        None => None,
+    };
     let std_listener = api::bind(&cfg.socket)
         .with_context(|| format!("cannot serve the API on {}", cfg.socket.display()))?;
     std_listener.set_nonblocking(true)?;
@@ -166,13 +275,16 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .build()?;
     let result = rt.block_on(async {
         let listener = tokio::net::UnixListener::from_std(std_listener)?;
-        poll_loop(&mut agent, &cfg, &listener).await
+        if let (Some(l), Some(page)) = (metrics_listener, sinks.page()) {
+            tokio::spawn(http::serve(tokio::net::TcpListener::from_std(l)?, page));
+        }
+        poll_loop(&mut agent, &mut sinks, &cfg, &listener).await
     });
     let _ = std::fs::remove_file(&cfg.socket);
     // Report what is still open, then drop the kernel handle, which detaches
     // every program: a monitor that leaves programs behind is not trusted.
     let flushed = if result.is_ok() {
-        poll_once(&mut agent, &cfg, true)
+        poll_once(&mut agent, &mut sinks, &cfg, true)
     } else {
         Ok(())
     };
@@ -183,6 +295,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
 async fn poll_loop(
     agent: &mut Agent,
+    sinks: &mut Sinks,
     cfg: &RunConfig,
     listener: &tokio::net::UnixListener,
 ) -> anyhow::Result<()> {
@@ -206,7 +319,7 @@ async fn poll_loop(
                 // Queries are answered between polls, one at a time: they
                 // read the same table the poll does, without locking.
                 if let Ok((stream, _)) = accepted {
-                    serve(agent, stream, &services).await;
+                    serve(agent, sinks, stream, &services).await;
                 }
                 continue;
             }
@@ -214,7 +327,7 @@ async fn poll_loop(
         if let Some(l) = logger.as_mut() {
             l.flush();
         }
-        match poll_once(agent, cfg, false) {
+        match poll_once(agent, sinks, cfg, false) {
             Err(e) if is_broken_pipe(&e) => return Ok(()),
             r => r?,
         }
@@ -226,7 +339,7 @@ async fn poll_loop(
 }
 
 /// Answers one API request (see `flowmon::api` for the protocol).
-async fn serve(agent: &Agent, stream: tokio::net::UnixStream, services: &Services) {
+async fn serve(agent: &Agent, sinks: &Sinks, stream: tokio::net::UnixStream, services: &Services) {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -238,14 +351,39 @@ async fn serve(agent: &Agent, stream: tokio::net::UnixStream, services: &Service
     }
     let reply = match api::parse_request(&line) {
         Err(reply) => reply,
-        Ok(req) => match agent.records(agent::monotonic_ns(), &iface::names()) {
+        Ok(req) => match records(agent, sinks, req.since) {
             Ok(records) => Reply::answer(views::run(&req, &records, services)),
-            Err(e) => Reply::error(format!("reading the kernel table failed: {e}"), false),
+            Err(e) => Reply::error(e, false),
         },
     };
     let mut out = serde_json::to_string(&reply).expect("a reply serializes");
     out.push('\n');
     let _ = tokio::time::timeout(Duration::from_secs(2), write.write_all(out.as_bytes())).await;
+}
+
+/// What a query sees: finished connections (the recent ones, or with
+/// `since` those of the history seen in the last `since` seconds), then the
+/// live table.
+fn records(agent: &Agent, sinks: &Sinks, since: Option<f64>) -> Result<Vec<ConnRecord>, String> {
+    let (now, names) = (agent::monotonic_ns(), iface::names());
+    let Some(since) = since else {
+        return agent
+            .records(now, &names)
+            .map_err(|e| format!("reading the kernel table failed: {e}"));
+    };
+    let cutoff = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+        - since;
+    let recent: Vec<ConnRecord> = agent.recent().cloned().collect();
+    let mut out = sinks
+        .since(cutoff, &recent)
+        .map_err(|e| format!("reading the history failed: {e}"))?;
+    let live = agent
+        .live_records(now, &names)
+        .map_err(|e| format!("reading the kernel table failed: {e}"))?;
+    out.extend(live.into_iter().filter(|r| r.last_seen >= cutoff));
+    Ok(out)
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -255,13 +393,27 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 /// One poll: read, report, print. `flush` reports every connection still
 /// in the table (when stopping).
-fn poll_once(agent: &mut Agent, cfg: &RunConfig, flush: bool) -> anyhow::Result<()> {
+fn poll_once(
+    agent: &mut Agent,
+    sinks: &mut Sinks,
+    cfg: &RunConfig,
+    flush: bool,
+) -> anyhow::Result<()> {
     let names = iface::names();
+    let started = std::time::Instant::now();
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let now_ns = agent::monotonic_ns();
     let result = agent.poll(now_ns, now_ms, &names, flush)?;
+    sinks.poll(
+        &result,
+        &names,
+        now_ns,
+        Clock::now().offset_ns,
+        started.elapsed(),
+        flush,
+    );
     let out = if cfg.json {
         let mut obj =
             summary::poll_json(&result.poll, &names, &Clock::now(), now_ns, &agent.timeouts);
@@ -298,7 +450,12 @@ mod tests {
                 .unwrap_err()
                 .contains("greater than zero")
         );
-        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("5w").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("2T").unwrap_err().contains("K, M or G"));
+        assert!(parse_size("0").unwrap_err().contains("above zero"));
         assert!(
             parse_duration("fast")
                 .unwrap_err()
