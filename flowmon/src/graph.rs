@@ -212,6 +212,7 @@ impl Graph {
             .map_err(e)?;
         chart
             .configure_mesh()
+            .x_labels(6)
             .x_desc("time (UTC)")
             .y_desc(self.y_label)
             .x_label_formatter(&|x| clock_time(*x)[..8].to_string())

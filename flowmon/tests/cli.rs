@@ -50,6 +50,7 @@ fn run_json_counts_a_connection_and_detaches_on_exit() {
             "500ms",
             "--socket",
             &sock,
+            "--no-history",
         ],
     )
     .stdout(Stdio::piped())

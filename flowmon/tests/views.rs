@@ -6,16 +6,14 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, TcpListener},
-    os::fd::AsRawFd as _,
+    net::IpAddr,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     thread,
     time::Duration,
 };
 
-use common::{Pair, bound_socket, set_linger_zero};
+use common::{Agent, Mix, Pair, mixed_traffic};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowmon");
@@ -275,13 +273,9 @@ fn no_agent_says_how_to_start_one() {
 fn live_views_from_the_agent() {
     let pair = Pair::new();
     let sock = format!("/tmp/{}-api.sock", pair.clt_ns);
-    let mut agent = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.clt_ns,
-            BIN,
-            "run",
+    let agent = Agent::start(
+        &pair.clt_ns,
+        &[
             "--iface",
             &pair.clt_if,
             "--interval",
@@ -290,63 +284,15 @@ fn live_views_from_the_agent() {
             "200ms",
             "--socket",
             &sock,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = std::io::BufReader::new(agent.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("answering queries") {
-        line.clear();
-        assert!(
-            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
-            "the agent stopped"
-        );
-    }
+            "--no-history",
+        ],
+    );
     let srv = pair.srv_v4;
-    let l = Pair::in_ns(&pair.srv_ns, move || {
-        TcpListener::bind((srv, 8080)).unwrap()
-    });
-    let server = thread::spawn(move || {
-        for _ in 0..3 {
-            let (mut s, _) = l.accept().unwrap();
-            let mut b = [0u8; 4];
-            s.read_exact(&mut b).unwrap();
-            s.write_all(b"pong").unwrap();
-            let mut rest = Vec::new();
-            let _ = s.read_to_end(&mut rest);
-        }
-    });
-    // Two graceful closes and one abort to 8080, two refusals on port 9.
-    let (graceful, abort, refused) = Pair::in_ns(&pair.clt_ns, move || {
-        let mut ports = (Vec::new(), 0, Vec::new());
-        for i in 0..3 {
-            let (sock, local) = bound_socket(srv);
-            sock.connect(&std::net::SocketAddr::new(srv, 8080).into())
-                .unwrap();
-            let mut c: std::net::TcpStream = sock.into();
-            c.write_all(b"ping").unwrap();
-            let mut b = [0u8; 4];
-            c.read_exact(&mut b).unwrap();
-            if i == 2 {
-                set_linger_zero(c.as_raw_fd());
-                ports.1 = local;
-            } else {
-                ports.0.push(local);
-            }
-        }
-        for _ in 0..2 {
-            let (sock, local) = bound_socket(srv);
-            assert!(
-                sock.connect(&std::net::SocketAddr::new(srv, 9).into())
-                    .is_err()
-            );
-            ports.2.push(local);
-        }
-        ports
-    });
-    server.join().unwrap();
+    let Mix {
+        graceful,
+        abort,
+        refused,
+    } = mixed_traffic(&pair, 8080);
     let query = |args: &[&str]| {
         let mut a = args.to_vec();
         a.extend(["--socket", &sock, "--json"]);
@@ -440,11 +386,6 @@ fn live_views_from_the_agent() {
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
         .unwrap();
     assert_eq!(mode, 0o600);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(agent.wait().unwrap().success());
+    agent.stop();
     assert!(!Path::new(&sock).exists(), "the agent removes its socket");
 }

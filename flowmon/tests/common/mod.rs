@@ -354,3 +354,129 @@ pub fn settle<T: PartialEq>(mut read: impl FnMut() -> T, quiet: Duration, limit:
         last = now;
     }
 }
+
+/// Client ports of the connections [`mixed_traffic`] made.
+#[derive(Debug)]
+pub struct Mix {
+    /// Closed by FIN from both sides.
+    pub graceful: Vec<u16>,
+    /// Aborted by the client (SO_LINGER 0: RST) after an exchange.
+    pub abort: u16,
+    /// Refused: SYN to port 9, answered by RST.
+    pub refused: Vec<u16>,
+}
+
+/// Real connections from the client to the server namespace: two graceful
+/// closes and one client abort to `port`, two refusals on port 9.
+pub fn mixed_traffic(pair: &Pair, port: u16) -> Mix {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    let srv = pair.srv_v4;
+    let l = Pair::in_ns(&pair.srv_ns, move || {
+        std::net::TcpListener::bind((srv, port)).unwrap()
+    });
+    let server = thread::spawn(move || {
+        for _ in 0..3 {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).unwrap();
+            s.write_all(b"pong").unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+        }
+    });
+    let mix = Pair::in_ns(&pair.clt_ns, move || {
+        let mut mix = Mix {
+            graceful: Vec::new(),
+            abort: 0,
+            refused: Vec::new(),
+        };
+        for i in 0..3 {
+            let (sock, local) = bound_socket(srv);
+            sock.connect(&std::net::SocketAddr::new(srv, port).into())
+                .unwrap();
+            let mut c: std::net::TcpStream = sock.into();
+            c.write_all(b"ping").unwrap();
+            let mut b = [0u8; 4];
+            c.read_exact(&mut b).unwrap();
+            if i == 2 {
+                set_linger_zero(c.as_raw_fd());
+                mix.abort = local;
+            } else {
+                mix.graceful.push(local);
+            }
+        }
+        for _ in 0..2 {
+            let (sock, local) = bound_socket(srv);
+            assert!(
+                sock.connect(&std::net::SocketAddr::new(srv, 9).into())
+                    .is_err()
+            );
+            mix.refused.push(local);
+        }
+        mix
+    });
+    server.join().unwrap();
+    mix
+}
+
+/// A `flowmon run` in the client namespace, stopped with SIGTERM on drop.
+pub struct Agent {
+    pub child: Child,
+    /// What it printed on stderr up to "answering queries".
+    pub banner: String,
+}
+
+impl Agent {
+    /// Starts `flowmon run ARGS` in `ns` and waits until it answers queries.
+    pub fn start(ns: &str, args: &[&str]) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_flowmon"), "run"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start flowmon run");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut banner = String::new();
+        while !banner.contains("answering queries") {
+            assert!(
+                err.read_line(&mut banner).unwrap() > 0,
+                "the agent stopped: {banner}"
+            );
+        }
+        // Keep draining stderr so the agent never blocks on a full pipe.
+        thread::spawn(move || {
+            let mut sink = String::new();
+            while err.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        Self { child, banner }
+    }
+
+    /// Sends SIGTERM and asserts a clean exit.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success() || thread::panicking(),
+            "agent exit: {status}"
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.terminate();
+        }
+    }
+}

@@ -1,0 +1,698 @@
+//! History and exports from a live agent, checked by the real consumers:
+//! promtool and a Prometheus server scraping the agent, tshark decoding the
+//! IPFIX stream and nfcapd/nfdump collecting it, the history read back after
+//! a restart and without an agent, snapshot files, and `flowmon graph`.
+//! Every count is compared with tshark's reading of a capture on the veth.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, TcpStream},
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Agent, Mix, Pair, Wire, mixed_traffic};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowmon");
+
+fn flowmon(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn rows(out: &Output) -> Vec<Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// An HTTP GET from inside namespace `ns`; returns the body.
+fn http_get(ns: &str, addr: &'static str, path: String) -> Option<String> {
+    Pair::in_ns(ns, move || {
+        let mut s = TcpStream::connect(addr).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let (head, body) = resp.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200")
+            .then(|| body.to_string())
+            .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
+    })
+}
+
+/// A sample's value in Prometheus text format.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Starts a daemon in `ns` with its output in `log`, killed on drop.
+struct Daemon(Child);
+
+impl Daemon {
+    fn start(ns: &str, args: &[&str], log: &Path) -> Self {
+        let log = std::fs::File::create(log).unwrap();
+        Self(
+            Command::new("ip")
+                .args(["netns", "exec", ns])
+                .args(args)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// SIGINT (tcpdump and nfcapd flush their files on it) and wait.
+    fn stop(mut self) {
+        self.interrupt();
+    }
+
+    fn interrupt(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            self.interrupt();
+        }
+    }
+}
+
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Percent-encodes a PromQL query for a URL.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Per side (client, server) sums of what crossed the wire.
+fn sides(
+    wire: &std::collections::HashMap<(IpAddr, u16, IpAddr, u16), Wire>,
+    client: IpAddr,
+) -> [Wire; 2] {
+    let mut s = [Wire::default(); 2];
+    for ((src, ..), w) in wire {
+        let side = &mut s[usize::from(*src != client)];
+        side.packets += w.packets;
+        side.bytes += w.bytes;
+        side.syn += w.syn;
+        side.synack += w.synack;
+        side.fin += w.fin;
+        side.rst += w.rst;
+    }
+    s
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn history_snapshots_metrics_and_ipfix_from_a_live_agent() {
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (db, snaps, sock) = (d("history.db"), d("snapshots"), d("api.sock"));
+    std::fs::create_dir(d("nfcapd")).unwrap();
+
+    // The collectors, on the client namespace's loopback.
+    let ipfix_pcap = d("ipfix.pcap");
+    let tcpdump = {
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &pair.clt_ns,
+                "tcpdump",
+                "-i",
+                "lo",
+                "-U",
+                "-n",
+                "-w",
+                &ipfix_pcap,
+            ])
+            .args(["udp", "port", "4739"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("listening on") {
+            assert!(err.read_line(&mut line).unwrap() > 0, "tcpdump: {line}");
+        }
+        Daemon(child)
+    };
+    let nfcapd = Daemon::start(
+        &pair.clt_ns,
+        &[
+            "nfcapd",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            "4739",
+            "-w",
+            &d("nfcapd"),
+            "-t",
+            "3600",
+        ],
+        &dir.path().join("nfcapd.log"),
+    );
+    std::fs::write(
+        d("prometheus.yml"),
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: flowmon\n    static_configs:\n      - targets: ['127.0.0.1:9475']\n",
+    )
+    .unwrap();
+    let prometheus = Daemon::start(
+        &pair.clt_ns,
+        &[
+            "prometheus",
+            &format!("--config.file={}", d("prometheus.yml")),
+            &format!("--storage.tsdb.path={}", d("tsdb")),
+            "--web.listen-address=127.0.0.1:9090",
+        ],
+        &dir.path().join("prometheus.log"),
+    );
+
+    let agent = Agent::start(
+        &pair.clt_ns,
+        &[
+            "--iface",
+            &pair.clt_if,
+            "--interval",
+            "100ms",
+            "--linger",
+            "200ms",
+            "--socket",
+            &sock,
+            "--db",
+            &db,
+            "--aggregate-interval",
+            "1s",
+            "--snapshot-dir",
+            &snaps,
+            "--metrics",
+            "9475",
+            "--ipfix",
+            "udp://127.0.0.1:4739",
+        ],
+    );
+    assert!(
+        agent
+            .banner
+            .contains("metrics at http://127.0.0.1:9475/metrics"),
+        "{}",
+        agent.banner
+    );
+
+    let capture = pair.capture();
+    let Mix {
+        graceful,
+        abort,
+        refused,
+    } = mixed_traffic(&pair, 8080);
+    let mut classes = BTreeMap::new();
+    for p in &graceful {
+        classes.insert(*p, "fin");
+    }
+    classes.insert(abort, "rst");
+    for p in &refused {
+        classes.insert(*p, "refused");
+    }
+    let finished = |args: &[&str]| -> Vec<Value> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        rows(&flowmon(&a))
+            .into_iter()
+            .filter(|r| r["close"] != "open" && r["close"] != "connecting")
+            .collect()
+    };
+    let by_port = |rows: &[Value]| -> BTreeMap<u16, String> {
+        rows.iter()
+            .map(|r| {
+                (
+                    r["client.port"].as_u64().unwrap() as u16,
+                    r["close"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let want: BTreeMap<u16, String> = classes.iter().map(|(p, c)| (*p, c.to_string())).collect();
+    wait_for(
+        "the agent to report all five",
+        Duration::from_secs(10),
+        || {
+            let f = finished(&["flows", "--socket", &sock, "--since", "1h"]);
+            (by_port(&f) == want).then_some(())
+        },
+    );
+    let wire = capture.finish();
+    let [clt, srv] = sides(&wire, pair.clt_v4);
+    // One more aggregate interval, so the closes are in a finished one.
+    thread::sleep(Duration::from_millis(1500));
+
+    // --- Prometheus: the page passes promtool, counts equal the wire's.
+    let page = http_get(&pair.clt_ns, "127.0.0.1:9475", "/metrics".into()).expect("metrics page");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let lint = promtool.wait_with_output().unwrap();
+    assert!(
+        lint.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    let iface = &pair.clt_if;
+    let closed = |class: &str| {
+        sample(
+            &page,
+            &format!(r#"flowmon_connections_closed_total{{iface="{iface}",class="{class}"}}"#),
+        )
+    };
+    assert_eq!(
+        (closed("fin"), closed("rst"), closed("refused")),
+        (Some(2.0), Some(1.0), Some(2.0))
+    );
+    let flag = |f: &str, side: &str| {
+        sample(
+            &page,
+            &format!(r#"flowmon_tcp_flags_total{{flag="{f}",side="{side}"}}"#),
+        )
+        .unwrap() as u32
+    };
+    assert_eq!(
+        [
+            flag("syn", "client"),
+            flag("synack", "server"),
+            flag("fin", "client"),
+            flag("fin", "server"),
+            flag("rst", "client"),
+            flag("rst", "server")
+        ],
+        [clt.syn, srv.synack, clt.fin, srv.fin, clt.rst, srv.rst]
+    );
+    let pkts = |side: &str| {
+        sample(
+            &page,
+            &format!(r#"flowmon_tcp_packets_total{{side="{side}"}}"#),
+        )
+        .unwrap() as u64
+    };
+    assert_eq!((pkts("client"), pkts("server")), (clt.packets, srv.packets));
+    assert_eq!(
+        sample(
+            &page,
+            &format!(r#"flowmon_connections_opened_total{{iface="{iface}"}}"#)
+        ),
+        Some(5.0)
+    );
+    assert_eq!(sample(&page, "flowmon_flows_evicted_total"), Some(0.0));
+    assert_eq!(sample(&page, r#"flowmon_ipfix_records_total"#), Some(5.0));
+
+    // A real Prometheus scraped the same numbers.
+    let query = |q: &str| -> Option<Vec<Value>> {
+        let body = http_get(
+            &pair.clt_ns,
+            "127.0.0.1:9090",
+            format!("/api/v1/query?query={}", urlencode(q)),
+        )?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        Some(v["data"]["result"].as_array()?.clone())
+    };
+    let value = |r: &Value| r["value"][1].as_str().unwrap().parse::<f64>().unwrap();
+    wait_for(
+        "Prometheus to scrape the closes",
+        Duration::from_secs(30),
+        || {
+            let r = query(r#"sum by (class) (flowmon_connections_closed_total{job="flowmon"})"#)?;
+            let got: BTreeMap<String, f64> = r
+                .iter()
+                .map(|r| (r["metric"]["class"].as_str().unwrap().to_string(), value(r)))
+                .collect();
+            (got == BTreeMap::from([
+                ("fin".into(), 2.0),
+                ("refused".into(), 2.0),
+                ("rst".into(), 1.0),
+            ]))
+            .then_some(())
+        },
+    );
+    let up = query(r#"up{job="flowmon"}"#).unwrap();
+    assert_eq!(value(&up[0]), 1.0);
+    let rst_srv = query(r#"flowmon_tcp_flags_total{flag="rst",side="server"}"#).unwrap();
+    assert_eq!(value(&rst_srv[0]), f64::from(srv.rst));
+    prometheus.stop();
+
+    agent.stop();
+    tcpdump.stop();
+    nfcapd.stop();
+
+    // --- Snapshots: every close once, interval rows that add up.
+    let mut lines = Vec::new();
+    for e in std::fs::read_dir(&snaps).unwrap() {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        lines.extend(
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+        );
+    }
+    let conns: Vec<&Value> = lines.iter().filter(|l| l["type"] == "conn").collect();
+    assert_eq!(
+        by_port(&conns.iter().map(|v| (*v).clone()).collect::<Vec<_>>()),
+        want
+    );
+    assert!(lines.iter().all(|l| l["schema"] == 1));
+    let global: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["type"] == "interval" && l["scope"] == "global")
+        .collect();
+    let sum = |k: &str| global.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(
+        (sum("conns"), sum("opened"), sum("close.refused")),
+        (5, 5, 2)
+    );
+    assert_eq!(
+        (sum("rst.count.clt"), sum("rst.count.srv")),
+        (u64::from(clt.rst), u64::from(srv.rst))
+    );
+    let per_port: u64 = lines
+        .iter()
+        .filter(|l| l["type"] == "interval" && l["scope"] == "port" && l["key"] == "9")
+        .map(|r| r["close.refused"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_port, 2);
+
+    // --- History: survives a restart, and answers without an agent.
+    let agent = Agent::start(
+        &pair.clt_ns,
+        &["--iface", &pair.clt_if, "--socket", &sock, "--db", &db],
+    );
+    assert_eq!(
+        by_port(&finished(&["flows", "--socket", &sock, "--since", "1h"])),
+        want
+    );
+    agent.stop();
+    let out = flowmon(&[
+        "flows", "--since", "1h", "--db", &db, "--socket", &sock, "--json",
+    ]);
+    assert_eq!(by_port(&rows(&out)), want);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "flowmon: no agent is running; answering from the history in {db} (finished connections only)\n"
+        )
+    );
+    let top = rows(&flowmon(&[
+        "top", "servers", "--since", "1h", "--db", &db, "--socket", &sock, "--json",
+    ]));
+    assert_eq!(
+        (
+            top[0]["conns"].as_u64(),
+            top[0]["rst.count.srv"].as_u64(),
+            top[0]["close.refused"].as_u64()
+        ),
+        (Some(5), Some(u64::from(srv.rst)), Some(2))
+    );
+    let diag = rows(&flowmon(&[
+        "diagnose", "--since", "1h", "--db", &db, "--socket", &sock, "--json",
+    ]));
+    assert_eq!(
+        (diag[0]["kind"].as_str(), diag[0]["server.port"].as_u64()),
+        (Some("refused"), Some(9))
+    );
+    // Nothing in the last millisecond... of a history that ended a while ago.
+    assert!(
+        rows(&flowmon(&[
+            "flows", "--since", "1ms", "--db", &db, "--socket", &sock, "--json"
+        ]))
+        .is_empty()
+    );
+
+    // --- Graphs from the history.
+    let out = flowmon(&["graph", "--db", &db, "--since", "1h"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("RST per connection (all connections)\n")
+            && text.contains("c client   s server"),
+        "{text}"
+    );
+    let svg = d("rst.svg");
+    assert!(
+        flowmon(&["graph", "--db", &db, "--svg", &svg])
+            .status
+            .success()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&svg)
+            .unwrap()
+            .matches(r#"stroke-width="2""#)
+            .count(),
+        4
+    );
+    let png = d("closes.png");
+    let srv_ip = pair.srv_v4.to_string();
+    let out = flowmon(&[
+        "graph", "--db", &db, "--metric", "closes", "--server", &srv_ip, "--png", &png,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    let out = flowmon(&["graph", "--db", &d("none.db")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`flowmon run` writes it there"));
+
+    // --- IPFIX as tshark decodes it: one biflow record per connection.
+    let out = Command::new("tshark")
+        .args([
+            "-r",
+            &ipfix_pcap,
+            "-d",
+            "udp.port==4739,cflow",
+            "-T",
+            "fields",
+            "-E",
+            "separator=/t",
+        ])
+        .args([
+            "-e",
+            "cflow.srcaddr",
+            "-e",
+            "cflow.dstaddr",
+            "-e",
+            "cflow.srcport",
+            "-e",
+            "cflow.dstport",
+        ])
+        .args([
+            "-e",
+            "cflow.packets",
+            "-e",
+            "cflow.octets",
+            "-e",
+            "cflow.total_tcp_syn",
+        ])
+        .args([
+            "-e",
+            "cflow.total_tcp_fin",
+            "-e",
+            "cflow.total_tcp_rst",
+            "-e",
+            "cflow.flow_end_reason",
+        ])
+        .args(["-e", "cflow.biflow_direction"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut records = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<Vec<&str>> = line
+            .split('\t')
+            .map(|c| c.split(',').filter(|s| !s.is_empty()).collect())
+            .collect();
+        for i in 0..f[2].len() {
+            let n = |col: usize, k: usize| f[col][k].parse::<u64>().unwrap();
+            let pair2 = |col: usize| [n(col, 2 * i), n(col, 2 * i + 1)];
+            let sport = n(2, i) as u16;
+            records.insert(
+                sport,
+                (
+                    f[0][i].parse::<IpAddr>().unwrap(),
+                    f[1][i].parse::<IpAddr>().unwrap(),
+                    n(3, i) as u16,
+                    pair2(4),
+                    pair2(5),
+                    [pair2(6), pair2(7), pair2(8)],
+                    n(9, i),
+                    n(10, i),
+                ),
+            );
+        }
+    }
+    assert_eq!(
+        records.keys().copied().collect::<Vec<_>>(),
+        want.keys().copied().collect::<Vec<_>>()
+    );
+    for (port, (src, dst, dport, packets, octets, [syn, fin, rst], reason, biflow)) in &records {
+        let server_port = if refused.contains(port) { 9 } else { 8080 };
+        let c = (pair.clt_v4, *port);
+        let s = (pair.srv_v4, server_port);
+        let (up, down) = common::both_ways(&wire, c, s);
+        assert_eq!(
+            (*src, *dst, *dport),
+            (pair.clt_v4, pair.srv_v4, server_port)
+        );
+        assert_eq!(*packets, [up.packets, down.packets], "port {port}");
+        assert_eq!(*octets, [up.bytes, down.bytes], "port {port}");
+        assert_eq!(
+            *syn,
+            [u64::from(up.syn), u64::from(down.synack)],
+            "port {port}"
+        );
+        assert_eq!(
+            *fin,
+            [u64::from(up.fin), u64::from(down.fin)],
+            "port {port}"
+        );
+        assert_eq!(
+            *rst,
+            [u64::from(up.rst), u64::from(down.rst)],
+            "port {port}"
+        );
+        assert_eq!(
+            (*reason, *biflow),
+            (3, 1),
+            "end of flow detected, source is the initiator"
+        );
+    }
+    // The close class in flowmon's enterprise element (1 fin, 3 rst, 4 refused).
+    let verbose = Command::new("tshark")
+        .args(["-r", &ipfix_pcap, "-d", "udp.port==4739,cflow", "-V"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&verbose.stdout);
+    let mut codes = BTreeMap::new();
+    let mut port = 0;
+    for line in text.lines().map(str::trim) {
+        if let Some(p) = line.strip_prefix("SrcPort: ") {
+            port = p.parse::<u16>().unwrap();
+        }
+        if let Some(v) = line.split("Type 1: Value (hex bytes): ").nth(1) {
+            codes.insert(
+                port,
+                match v {
+                    "01" => "fin",
+                    "03" => "rst",
+                    "04" => "refused",
+                    o => panic!("code {o}"),
+                },
+            );
+        }
+    }
+    assert_eq!(
+        codes
+            .into_iter()
+            .map(|(p, c)| (p, c.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        want
+    );
+
+    // --- The same stream collected by nfcapd and read by nfdump.
+    let file = std::fs::read_dir(d("nfcapd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("nfcapd.2")
+        })
+        .expect("nfcapd wrote a file");
+    let out = Command::new("nfdump")
+        .arg("-r")
+        .arg(&file)
+        .args(["-q", "-o", "csv"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = String::from_utf8_lossy(&out.stdout);
+    let mut flows = BTreeMap::new();
+    for line in csv.lines().filter(|l| l.contains(&pair.clt_v4.to_string())) {
+        // ts,te,td,sa,da,sp,dp,pr,flg,fwd,stos,ipkt,ibyt,opkt,obyt,...
+        let f: Vec<&str> = line.split(',').collect();
+        let n = |i: usize| f[i].trim().parse::<u64>().unwrap();
+        flows.insert(
+            n(5) as u16,
+            (
+                f[3].to_string(),
+                n(6) as u16,
+                [n(11), n(13)],
+                [n(12), n(14)],
+            ),
+        );
+    }
+    assert_eq!(flows.len(), 5, "{csv}");
+    for (port, (sa, dp, packets, bytes)) in flows {
+        let (_, _, dport, p, o, ..) = records[&port];
+        assert_eq!(
+            (sa, dp, packets, bytes),
+            (pair.clt_v4.to_string(), dport, p, o),
+            "port {port}"
+        );
+    }
+}
