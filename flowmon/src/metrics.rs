@@ -236,6 +236,11 @@ impl Metrics {
             registry: r,
         };
         m.table_capacity.set(i64::from(capacity));
+        // Error counters exist from the start at zero, so an alert on their
+        // rate sees a series before the first failure.
+        for sink in ["history", "snapshot", "ipfix"] {
+            m.export_errors.get_or_create(&vec![("sink", sink.to_string())]);
+        }
         m
     }
 
@@ -543,5 +548,27 @@ mod tests {
             assert_eq!(sample(&t, name), Some(v), "{name} in\n{t}");
         }
         assert!(t.ends_with("# EOF\n"));
+        // Every metric the shipped Grafana dashboard graphs is exported.
+        let page = m.render_text();
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/grafana-dashboard.json")).unwrap();
+        let mut used = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for t in panel["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                for (i, _) in expr.match_indices("flowmon_") {
+                    let name: String = expr[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(
+                        page.contains(&format!("\n# TYPE {name} ")),
+                        "the dashboard graphs {name}"
+                    );
+                    used += 1;
+                }
+            }
+        }
+        assert!(used >= 12, "{used}");
     }
 }

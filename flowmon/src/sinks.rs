@@ -156,7 +156,14 @@ impl Sinks {
         if let Some((exporter, sock)) = &mut self.ipfix {
             let records = exporter.records(&r.closed, &r.live, now_ns, offset_ns);
             for m in exporter.messages(&records, now_ms) {
-                match sock.send(&m) {
+                // A refusal reported now belongs to an earlier datagram (the
+                // ICMP came back after it); this one was not sent: send again,
+                // so a collector that restarts loses nothing more.
+                let sent_once = match sock.send(&m) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => sock.send(&m),
+                    r => r,
+                };
+                match sent_once {
                     Ok(_) => sent.0 += 1,
                     Err(e) => {
                         log::warn!("IPFIX: {e}");

@@ -146,32 +146,7 @@ fn history_snapshots_metrics_and_ipfix_from_a_live_agent() {
 
     // The collectors, on the client namespace's loopback.
     let ipfix_pcap = d("ipfix.pcap");
-    let tcpdump = {
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &pair.clt_ns,
-                "tcpdump",
-                "-i",
-                "lo",
-                "-U",
-                "-n",
-                "-w",
-                &ipfix_pcap,
-            ])
-            .args(["udp", "port", "4739"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("listening on") {
-            assert!(err.read_line(&mut line).unwrap() > 0, "tcpdump: {line}");
-        }
-        Daemon(child)
-    };
+    let tcpdump = ipfix_capture(&pair.clt_ns, &ipfix_pcap);
     let nfcapd = Daemon::start(
         &pair.clt_ns,
         &[
@@ -695,4 +670,164 @@ fn history_snapshots_metrics_and_ipfix_from_a_live_agent() {
             "port {port}"
         );
     }
+}
+
+/// Starts tcpdump on the client namespace's loopback for IPFIX (UDP 4739).
+fn ipfix_capture(ns: &str, path: &str) -> Daemon {
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            "lo",
+            "-U",
+            "-n",
+            "-w",
+            path,
+        ])
+        .args(["udp", "port", "4739"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        assert!(err.read_line(&mut line).unwrap() > 0, "tcpdump: {line}");
+    }
+    Daemon(child)
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn long_lived_connections_get_active_timeout_records() {
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("ipfix.pcap").to_string_lossy().into_owned();
+    let sock = dir.path().join("api.sock").to_string_lossy().into_owned();
+    let tcpdump = ipfix_capture(&pair.clt_ns, &pcap);
+    let agent = Agent::start(
+        &pair.clt_ns,
+        &[
+            "--iface",
+            &pair.clt_if,
+            "--interval",
+            "100ms",
+            "--linger",
+            "200ms",
+            "--socket",
+            &sock,
+            "--no-history",
+            "--ipfix",
+            "udp://127.0.0.1:4739",
+            "--ipfix-active-timeout",
+            "1s",
+        ],
+    );
+    let capture = pair.capture();
+    let srv = pair.srv_v4;
+    let l = Pair::in_ns(&pair.srv_ns, move || {
+        std::net::TcpListener::bind((srv, 8081)).unwrap()
+    });
+    let server = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = [0u8; 4];
+        while s.read_exact(&mut b).is_ok() {
+            s.write_all(b"pong").unwrap();
+        }
+    });
+    // About 2.5 s of traffic: two active-timeout records, then the end. No
+    // collector listens, so every other send meets the ICMP refusal of the
+    // previous one: the exporter must send again, not lose the record.
+    let port = Pair::in_ns(&pair.clt_ns, move || {
+        let (sock, local) = common::bound_socket(srv);
+        sock.connect(&std::net::SocketAddr::new(srv, 8081).into())
+            .unwrap();
+        let mut c: TcpStream = sock.into();
+        for _ in 0..25 {
+            c.write_all(b"ping").unwrap();
+            let mut b = [0u8; 4];
+            c.read_exact(&mut b).unwrap();
+            thread::sleep(Duration::from_millis(100));
+        }
+        local
+    });
+    server.join().unwrap();
+    wait_for("the close to be reported", Duration::from_secs(10), || {
+        let f = rows(&flowmon(&["flows", "--socket", &sock, "--json"]));
+        f.iter()
+            .any(|r| r["client.port"] == port && r["close"] == "fin")
+            .then_some(())
+    });
+    let wire = capture.finish();
+    agent.stop();
+    tcpdump.stop();
+    let out = Command::new("tshark")
+        .args([
+            "-r",
+            &pcap,
+            "-d",
+            "udp.port==4739,cflow",
+            "-T",
+            "fields",
+            "-E",
+            "separator=/t",
+        ])
+        .args([
+            "-e",
+            "cflow.srcport",
+            "-e",
+            "cflow.packets",
+            "-e",
+            "cflow.flow_end_reason",
+        ])
+        .output()
+        .unwrap();
+    let mut reasons = Vec::new();
+    let mut sums = [0u64; 2];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<Vec<u64>> = line
+            .split('\t')
+            .map(|c| {
+                c.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse().unwrap())
+                    .collect()
+            })
+            .collect();
+        for i in 0..f[0].len() {
+            if f[0][i] == u64::from(port) {
+                reasons.push(f[2][i]);
+                sums[0] += f[1][2 * i];
+                sums[1] += f[1][2 * i + 1];
+            }
+        }
+    }
+    // Active records (2) every second while open, then "end of flow" (3).
+    assert!(reasons.len() >= 3, "{reasons:?}");
+    assert!(
+        reasons[..reasons.len() - 1].iter().all(|r| *r == 2) && reasons.last() == Some(&3),
+        "{reasons:?}"
+    );
+    // Deltas: the records add up to exactly what crossed the wire.
+    let (up, down) = common::both_ways(&wire, (pair.clt_v4, port), (srv, 8081));
+    assert_eq!(sums, [up.packets, down.packets]);
+}
+
+#[test]
+fn the_example_scrape_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/prometheus.yml");
+    let out = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
