@@ -133,8 +133,12 @@ impl Intervals {
             self.global.add(r);
             self.ifaces.entry(r.iface.clone()).or_default().1.add(r);
             let (server, port) = r.conn.server();
-            bounded(&mut self.servers, server).map(|m| m.add(r));
-            bounded(&mut self.ports, port).map(|m| m.add(r));
+            if let Some(m) = bounded(&mut self.servers, server) {
+                m.add(r);
+            }
+            if let Some(m) = bounded(&mut self.ports, port) {
+                m.add(r);
+            }
         }
         done
     }

@@ -239,7 +239,9 @@ impl Metrics {
         // Error counters exist from the start at zero, so an alert on their
         // rate sees a series before the first failure.
         for sink in ["history", "snapshot", "ipfix"] {
-            m.export_errors.get_or_create(&vec![("sink", sink.to_string())]);
+            m.export_errors
+                .get_or_create(&vec![("sink", sink.to_string())])
+                .inc_by(0);
         }
         m
     }

@@ -130,18 +130,18 @@ impl Sinks {
             rows.extend(self.intervals.finish(now_ms));
         }
         let mut errors = Vec::new();
-        if let Some(store) = &mut self.store {
-            if let Err(e) = store_poll(
+        if let Some(store) = &mut self.store
+            && let Err(e) = store_poll(
                 store,
                 &r.closed,
                 &rows,
                 now_ms,
                 self.retention,
                 &mut self.last_prune_ms,
-            ) {
-                log::warn!("history: {e}");
-                errors.push("history");
-            }
+            )
+        {
+            log::warn!("history: {e}");
+            errors.push("history");
         }
         if let Some(s) = &mut self.snapshots {
             let res = s
