@@ -181,8 +181,13 @@ pub struct Config {
     /// Bit 0: kernel-side debug logging through aya-log.
     pub flags: u32,
     pub _pad: u32,
+    /// Entries the agent has removed from the flow table since the table was
+    /// created. The programs never read it: it lives here so that with a
+    /// pinned table it survives agent restarts, and evictions (created minus
+    /// live minus removed) stay right.
+    pub agent_removed: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
 
 /// [`Config::flags`] bit that turns on aya-log debug output.
 pub const CONFIG_FLAG_LOG: u32 = 1;

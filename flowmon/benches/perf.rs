@@ -44,7 +44,7 @@ fn key(i: u32) -> FlowKey {
 fn loaded(n: u32) -> Kernel {
     let mut k = Kernel::load(LoadOptions {
         max_flows: n + n / 4 + 1024,
-        kernel_log: false,
+        ..LoadOptions::default()
     })
     .expect("load (run as root)");
     // Established and active: the agent keeps such connections in the table.

@@ -60,7 +60,7 @@ pub struct Agent {
     pub kernel: Kernel,
     pub timeouts: Timeouts,
     tracker: Tracker,
-    /// Entries this agent removed from the table since load.
+    /// Entries removed in the current poll (added to the kernel's tally).
     removed: u64,
     /// Recently finished connections, newest last, for queries.
     recent: VecDeque<ConnRecord>,
@@ -105,6 +105,8 @@ impl Agent {
                 live.push((k, v));
             }
         }
+        let removed = std::mem::take(&mut self.removed);
+        self.kernel.add_agent_removed(removed)?;
         let totals = self.kernel.stats()?;
         let ifaces = self
             .kernel
@@ -112,9 +114,14 @@ impl Agent {
             .iter()
             .map(|a| a.iface.clone())
             .collect();
-        let poll = self
-            .tracker
-            .poll(&live, &ended, totals, ifaces, unix_ms, self.removed);
+        let poll = self.tracker.poll(
+            &live,
+            &ended,
+            totals,
+            ifaces,
+            unix_ms,
+            self.kernel.agent_removed(),
+        );
         let closed = record::build(ended, names, now_ns, &self.timeouts, clock.offset_ns);
         self.recent.extend(closed.iter().cloned());
         while self.recent.len() > self.keep {
@@ -126,6 +133,16 @@ impl Agent {
     /// The recently finished connections, oldest first.
     pub fn recent(&self) -> impl Iterator<Item = &ConnRecord> {
         self.recent.iter()
+    }
+
+    /// After resuming a pinned table: what is in it now was counted by the
+    /// previous agent's polls (as far as it got), so the first poll's
+    /// deltas start from here rather than count it all again.
+    pub fn resume(&mut self) -> Result<(), KernelError> {
+        if self.kernel.resumed() {
+            self.tracker.seed(&self.kernel.flows()?);
+        }
+        Ok(())
     }
 
     /// Removes the finished connection `seen` (read earlier from the table)

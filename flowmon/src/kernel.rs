@@ -5,12 +5,16 @@
 //! Dropping a `Kernel` detaches every program it attached: the XDP and TCX
 //! attachments are BPF links owned by their file descriptors.
 
-use std::{io, process::Command};
+use std::{io, path::PathBuf, process::Command};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc,
+    },
 };
 use flowmon_common::{
     flow::{CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, RetiredFlow},
@@ -61,6 +65,32 @@ pub enum KernelError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{} is not on a BPF filesystem, where pins live: mount one (`mount -t bpf bpf /sys/fs/bpf`) or choose another --pin-dir",
+        .dir.display()
+    )]
+    NotBpffs { dir: PathBuf },
+    #[error("cannot create the pin directory {}", .path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the maps pinned in {} do not match this flowmon (another version, or another --max-flows): run `flowmon detach` to remove them, then start again",
+        .dir.display()
+    )]
+    PinnedMismatch {
+        dir: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {what} link on {iface} failed: {reason}")]
+    PinLink {
+        what: &'static str,
+        iface: String,
+        reason: String,
+    },
     #[error("map {map} is missing from the eBPF object or has the wrong type")]
     MapMissing { map: &'static str },
     #[error("reading map {map} failed")]
@@ -82,12 +112,15 @@ pub enum XdpAttach {
 }
 
 /// Options fixed at load time.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Connections the flow table holds.
     pub max_flows: u32,
     /// Kernel-side debug logging through aya-log.
     pub kernel_log: bool,
+    /// Pin the maps and links in this bpffs directory, reusing what an
+    /// earlier agent pinned there, so counting goes on while no agent runs.
+    pub pin: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -95,9 +128,16 @@ impl Default for LoadOptions {
         Self {
             max_flows: DEFAULT_MAX_FLOWS,
             kernel_log: false,
+            pin: None,
         }
     }
 }
+
+/// Where `flowmon run --persist` pins by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowmon";
+
+/// The maps that carry state across agents (the rest are per-program scratch).
+const PINNED_MAPS: [&str; 4] = [FLOWS_MAP, STATS_MAP, CLOSED_MAP, CONFIG_MAP];
 
 /// Where and how the programs were attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,6 +154,11 @@ pub struct Kernel {
     closed: RingBuf<MapData>,
     config: Config,
     attached: Vec<Attached>,
+    pin: Option<PathBuf>,
+    /// Whether the maps were already pinned by an earlier agent.
+    resumed: bool,
+    /// Pinned links: dropping these leaves the programs attached.
+    pinned_links: Vec<PinnedLink>,
 }
 
 impl Kernel {
@@ -124,10 +169,31 @@ impl Kernel {
             return Err(KernelError::Privilege { missing });
         }
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(FLOWS_MAP, opts.max_flows)
-            .load(OBJECT)
-            .map_err(KernelError::Load)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(FLOWS_MAP, opts.max_flows);
+        let mut resumed = false;
+        if let Some(dir) = &opts.pin {
+            if !on_bpffs(dir) {
+                return Err(KernelError::NotBpffs { dir: dir.clone() });
+            }
+            std::fs::create_dir_all(dir.join("links")).map_err(|source| KernelError::Pin {
+                path: dir.clone(),
+                source,
+            })?;
+            resumed = dir.join(FLOWS_MAP).exists();
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| match (&opts.pin, e) {
+            (Some(dir), aya::EbpfError::MapError(source)) if resumed => {
+                KernelError::PinnedMismatch {
+                    dir: dir.clone(),
+                    source,
+                }
+            }
+            (_, e) => KernelError::Load(e),
+        })?;
         for name in [XDP_PROGRAM, TC_PROGRAM] {
             let prog = ebpf
                 .program_mut(name)
@@ -148,7 +214,15 @@ impl Kernel {
             closed,
             config: Config::default(),
             attached: Vec::new(),
+            pin: opts.pin.clone(),
+            resumed,
+            pinned_links: Vec::new(),
         };
+        if resumed {
+            // Keep what the earlier agent recorded (its removals).
+            kernel.config = kernel.read_config()?;
+            kernel.config.flags &= !CONFIG_FLAG_LOG;
+        }
         if opts.kernel_log {
             kernel.config.flags |= CONFIG_FLAG_LOG;
         }
@@ -161,6 +235,71 @@ impl Kernel {
         &self.attached
     }
 
+    /// Whether the maps came from an earlier agent's pins.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Entries removed by agents since the table was created (kept across
+    /// restarts when pinned).
+    pub fn agent_removed(&self) -> u64 {
+        self.config.agent_removed
+    }
+
+    /// Records `n` more entries removed by the agent.
+    pub fn add_agent_removed(&mut self, n: u64) -> Result<(), KernelError> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.config.agent_removed += n;
+        self.write_config()
+    }
+
+    fn link_paths(&self, ifindex: u32) -> Option<(PathBuf, PathBuf)> {
+        let dir = self.pin.as_ref()?.join("links");
+        Some((
+            dir.join(format!("xdp-{ifindex}")),
+            dir.join(format!("tc-{ifindex}")),
+        ))
+    }
+
+    /// Pins the links just attached to `ifindex` (the last XDP and TC links
+    /// the programs hold), so the programs stay attached after this process.
+    fn pin_links(
+        &mut self,
+        name: &str,
+        xdp_link: aya::programs::xdp::XdpLinkId,
+        tc_link: aya::programs::tc::SchedClassifierLinkId,
+        paths: (PathBuf, PathBuf),
+    ) -> Result<(), KernelError> {
+        let pin_err = |what: &'static str| {
+            move |e: String| KernelError::PinLink {
+                what,
+                iface: name.to_string(),
+                reason: e,
+            }
+        };
+        let xdp: &mut Xdp = self.program_mut(XDP_PROGRAM)?;
+        let link = xdp
+            .take_link(xdp_link)
+            .map_err(|e| pin_err("XDP")(e.to_string()))?;
+        let fd = FdLink::try_from(link).map_err(|e| pin_err("XDP")(e.to_string()))?;
+        let pinned = fd
+            .pin(&paths.0)
+            .map_err(|e| pin_err("XDP")(e.to_string()))?;
+        self.pinned_links.push(pinned);
+        let tc: &mut SchedClassifier = self.program_mut(TC_PROGRAM)?;
+        let link = tc
+            .take_link(tc_link)
+            .map_err(|e| pin_err("TC")(e.to_string()))?;
+        let fd = FdLink::try_from(link).map_err(|_| {
+            pin_err("TC")("the TC link is not a BPF link: pinning needs TCX (Linux 6.6)".into())
+        })?;
+        let pinned = fd.pin(&paths.1).map_err(|e| pin_err("TC")(e.to_string()))?;
+        self.pinned_links.push(pinned);
+        Ok(())
+    }
+
     /// Attaches XDP (ingress) and TC egress to `name`.
     pub fn attach(
         &mut self,
@@ -171,7 +310,30 @@ impl Kernel {
         let ifindex = iface::index(name).ok_or_else(|| KernelError::UnknownInterface {
             iface: name.to_string(),
         })?;
-        let xdp_mode = self.attach_xdp(name, ifindex, mode, replace)?;
+        let paths = self.link_paths(ifindex);
+        if let Some((xdp, tc)) = &paths
+            && xdp.exists()
+            && tc.exists()
+        {
+            // An earlier agent's programs are still attached and counting
+            // into the pinned maps: keep them.
+            for p in [xdp, tc] {
+                let link = PinnedLink::from_pin(p).map_err(|e| KernelError::PinLink {
+                    what: "opening the pinned",
+                    iface: name.to_string(),
+                    reason: e.to_string(),
+                })?;
+                self.pinned_links.push(link);
+            }
+            let a = Attached {
+                iface: name.to_string(),
+                ifindex,
+                xdp_mode: "pinned",
+            };
+            self.attached.push(a.clone());
+            return Ok(a);
+        }
+        let (xdp_mode, xdp_link) = self.attach_xdp(name, ifindex, mode, replace)?;
         // Before TCX (Linux 6.6) TC programs hang off a clsact qdisc; an
         // existing one is fine. With TCX nothing is created, so nothing stays.
         let tcx = aya::util::KernelVersion::new(6, 6, 0);
@@ -179,12 +341,16 @@ impl Kernel {
             let _ = tc::qdisc_add_clsact(ifindex);
         }
         let prog: &mut SchedClassifier = self.program_mut(TC_PROGRAM)?;
-        prog.attach(ifindex, TcAttachType::Egress)
+        let tc_link = prog
+            .attach(ifindex, TcAttachType::Egress)
             .map_err(|source| KernelError::Attach {
                 what: "attaching the TC egress",
                 iface: name.to_string(),
                 source,
             })?;
+        if let Some(paths) = paths {
+            self.pin_links(name, xdp_link, tc_link, paths)?;
+        }
         let a = Attached {
             iface: name.to_string(),
             ifindex,
@@ -200,7 +366,7 @@ impl Kernel {
         ifindex: u32,
         mode: XdpAttach,
         replace: bool,
-    ) -> Result<&'static str, KernelError> {
+    ) -> Result<(&'static str, aya::programs::xdp::XdpLinkId), KernelError> {
         let tries: &[(XdpMode, &'static str)] = match mode {
             XdpAttach::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
             XdpAttach::Native => &[(XdpMode::Driver, "native")],
@@ -213,7 +379,7 @@ impl Kernel {
             let (m, label) = tries[i];
             let prog: &mut Xdp = self.program_mut(XDP_PROGRAM)?;
             match prog.attach(ifindex, m) {
-                Ok(_) => return Ok(label),
+                Ok(link) => return Ok((label, link)),
                 Err(e) if errno(&e) == Some(libc::EBUSY) || errno(&e) == Some(libc::EEXIST) => {
                     let existing = existing_xdp(name).unwrap_or_else(|| "unknown program".into());
                     if !replace || replaced {
@@ -324,6 +490,22 @@ impl Kernel {
     pub fn set_clock_override(&mut self, ns: u64) -> Result<(), KernelError> {
         self.config.clock_override_ns = ns;
         self.write_config()
+    }
+
+    fn read_config(&self) -> Result<Config, KernelError> {
+        let map = self
+            .ebpf
+            .map(CONFIG_MAP)
+            .ok_or(KernelError::MapMissing { map: CONFIG_MAP })?;
+        let arr: Array<&MapData, Config> =
+            Array::try_from(map).map_err(|source| KernelError::Map {
+                map: CONFIG_MAP,
+                source,
+            })?;
+        arr.get(&0, 0).map_err(|source| KernelError::Map {
+            map: CONFIG_MAP,
+            source,
+        })
     }
 
     fn write_config(&mut self) -> Result<(), KernelError> {
@@ -535,6 +717,52 @@ fn raise_memlock_limit() {
     };
     // Safety: plain syscall with a valid pointer.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
+}
+
+/// Whether `dir` (or, if it does not exist yet, its nearest existing parent)
+/// is on a BPF filesystem.
+fn on_bpffs(dir: &std::path::Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    dir.ancestors()
+        .find(|d| d.exists())
+        .and_then(|d| nix::sys::statfs::statfs(d).ok())
+        .is_some_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Removes what `flowmon run --persist` left in `dir`: unpins the links
+/// (which detaches the programs, as nothing else holds them) and the maps
+/// (which frees them). Returns what was removed, for the user to see.
+pub fn detach_pinned(dir: &std::path::Path) -> Result<Vec<String>, KernelError> {
+    let mut removed = Vec::new();
+    let links = dir.join("links");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for e in entries.flatten() {
+            let path = e.path();
+            let link = PinnedLink::from_pin(&path).map_err(|e| KernelError::PinLink {
+                what: "opening the pinned",
+                iface: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            drop(link.unpin().map_err(|source| KernelError::Pin {
+                path: path.clone(),
+                source,
+            })?);
+            removed.push(format!("link {}", path.display()));
+        }
+        let _ = std::fs::remove_dir(&links);
+    }
+    for name in PINNED_MAPS {
+        let path = dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| KernelError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            removed.push(format!("map {}", path.display()));
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
 }
 
 #[cfg(test)]

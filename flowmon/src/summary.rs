@@ -122,6 +122,11 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// Starts from `live` as if a poll had just seen it.
+    pub fn seed(&mut self, live: &[(FlowKey, FlowValue)]) {
+        self.prev = live.iter().map(|(k, v)| (*k, Digest::of(v))).collect();
+    }
+
     /// Builds a poll from the live entries and the connections that ended
     /// since the previous poll (`ended`, removed or retired). `removed` is how
     /// many entries the agent has deleted since load.

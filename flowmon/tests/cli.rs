@@ -234,13 +234,13 @@ fn xdp_hook_taken_is_named() {
     let held = Pair::in_ns(&ns, move || {
         let mut first = Kernel::load(LoadOptions {
             max_flows: 64,
-            kernel_log: false,
+            ..LoadOptions::default()
         })
         .unwrap();
         first.attach(&iface, XdpAttach::Native, false).unwrap();
         let mut second = Kernel::load(LoadOptions {
             max_flows: 64,
-            kernel_log: false,
+            ..LoadOptions::default()
         })
         .unwrap();
         let err = second.attach(&iface, XdpAttach::Native, false).unwrap_err();

@@ -383,7 +383,7 @@ fn replay_prints_what_analyze_prints() {
         let offline = analyze(&path);
         let mut kernel = Kernel::load(LoadOptions {
             max_flows: 4096,
-            kernel_log: false,
+            ..LoadOptions::default()
         })
         .expect("load");
         let replayed = flowmon::replay::replay(&mut kernel, &path, &Timeouts::default())

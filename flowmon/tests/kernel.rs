@@ -20,7 +20,7 @@ const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 fn load() -> Kernel {
     Kernel::load(LoadOptions {
         max_flows: 1024,
-        kernel_log: false,
+        ..LoadOptions::default()
     })
     .expect("load flowmon's programs (are you root?)")
 }
@@ -340,7 +340,7 @@ fn gso_super_packet_counts_wire_segments() {
 fn batched_read_equals_the_key_by_key_walk() {
     let mut k = Kernel::load(LoadOptions {
         max_flows: 20_000,
-        kernel_log: false,
+        ..LoadOptions::default()
     })
     .unwrap();
     for i in 0..10_000u32 {

@@ -96,7 +96,7 @@ fn every_connection_reported_once_with_every_packet() {
     let (records, kinds, totals) = Pair::in_ns(&clt_ns, move || {
         let mut k = Kernel::load(LoadOptions {
             max_flows: 65_536,
-            kernel_log: false,
+            ..LoadOptions::default()
         })
         .unwrap();
         k.attach(&clt_if, XdpAttach::Native, false).unwrap();
@@ -269,7 +269,7 @@ fn timeouts_report_and_expire_connections() {
     let records = Pair::in_ns(&pair.clt_ns, move || {
         let mut k = Kernel::load(LoadOptions {
             max_flows: 1024,
-            kernel_log: false,
+            ..LoadOptions::default()
         })
         .unwrap();
         k.attach(&clt_if, XdpAttach::Native, false).unwrap();

@@ -62,7 +62,7 @@ fn run(scenario: fn(&Ctx) -> u16) -> Vec<(DirStats, DirStats)> {
             .unwrap();
             let mut k = Kernel::load(LoadOptions {
                 max_flows: 4096,
-                kernel_log: false,
+                ..LoadOptions::default()
             })
             .expect("load");
             let a = k.attach(&clt_if, XdpAttach::Native, false).expect("attach");

@@ -8,6 +8,7 @@ use flowmon::kernel::KernelError;
 
 mod analyze;
 mod conversations;
+mod detach;
 mod diagnose;
 mod flows;
 mod graph;
@@ -60,6 +61,8 @@ enum Command {
     Diagnose(diagnose::DiagnoseArgs),
     /// RST per connection (client and server), SYN per connection or closes over time, from the history.
     Graph(graph::GraphArgs),
+    /// Remove the programs and maps `flowmon run --persist` left attached and pinned.
+    Detach(detach::DetachArgs),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -72,6 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Conversations(a) => conversations::run(a),
         Command::Diagnose(a) => diagnose::run(a),
         Command::Graph(a) => graph::run(a),
+        Command::Detach(a) => detach::run(a),
     }
 }
 

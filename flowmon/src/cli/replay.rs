@@ -23,6 +23,7 @@ pub struct ReplayArgs {
 
 pub fn run(a: ReplayArgs) -> anyhow::Result<()> {
     let mut kernel = Kernel::load(LoadOptions {
+        pin: None,
         max_flows: a.max_flows,
         kernel_log: false,
     })?;

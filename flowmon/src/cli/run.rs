@@ -13,7 +13,7 @@ use flowmon::{
     api::{self, Reply},
     close::Timeouts,
     http, iface, ipfix,
-    kernel::{Kernel, LoadOptions, XdpAttach},
+    kernel::{self, Kernel, LoadOptions, XdpAttach},
     record::ConnRecord,
     services::Services,
     sinks::{SinkConfig, Sinks},
@@ -60,6 +60,14 @@ pub struct RunArgs {
     /// The API socket the query commands talk to (created root-only, mode 0600).
     #[arg(long, value_name = "PATH", default_value = flowmon::api::DEFAULT_SOCKET)]
     socket: std::path::PathBuf,
+    /// Pin the maps and program links (under --pin-dir) so the kernel keeps
+    /// counting while no agent runs: stopping leaves them attached, a new
+    /// `flowmon run --persist` resumes, `flowmon detach` removes them.
+    #[arg(long)]
+    persist: bool,
+    /// Where --persist pins (a directory on bpffs).
+    #[arg(long, value_name = "DIR", default_value = kernel::DEFAULT_PIN_DIR, requires = "persist")]
+    pin_dir: PathBuf,
     /// Finished connections kept in memory for queries.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     keep: usize,
@@ -151,6 +159,7 @@ impl RunArgs {
             load: LoadOptions {
                 max_flows: self.max_flows,
                 kernel_log: self.kernel_log,
+                pin: self.persist.then_some(self.pin_dir),
             },
             show: self.show,
             polls: self.polls,
@@ -240,7 +249,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
-    let mut kernel = Kernel::load(cfg.load)?;
+    let mut kernel = Kernel::load(cfg.load.clone())?;
+    if kernel.resumed() {
+        eprintln!(
+            "flowmon: resuming the table pinned in {}",
+            cfg.load
+                .pin
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        );
+    }
     for name in &cfg.ifaces {
         let a = kernel.attach(name, cfg.xdp, cfg.replace_xdp)?;
         eprintln!(
@@ -250,6 +269,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     let mut agent = Agent::new(kernel, cfg.timeouts);
     agent.keep = cfg.keep;
+    agent.resume()?;
     let start_unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
     let mut sinks = Sinks::open(&cfg.sinks, cfg.load.max_flows, start_unix)?;
     if let Some(db) = &cfg.sinks.db {
@@ -283,13 +303,22 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&cfg.socket);
     // Report what is still open, then drop the kernel handle, which detaches
     // every program: a monitor that leaves programs behind is not trusted.
+    // Pinned, the programs go on counting and the next agent reports what
+    // is open now; otherwise report it here.
+    let persist = cfg.load.pin.is_some();
     let flushed = if result.is_ok() {
-        poll_once(&mut agent, &mut sinks, &cfg, true)
+        poll_once(&mut agent, &mut sinks, &cfg, !persist)
     } else {
         Ok(())
     };
     drop(agent);
-    eprintln!("flowmon: detached");
+    if persist {
+        eprintln!(
+            "flowmon: stopped; the programs stay attached and counting (`flowmon detach` removes them)"
+        );
+    } else {
+        eprintln!("flowmon: detached");
+    }
     result.and(flushed)
 }
 
