@@ -38,9 +38,43 @@ pub struct Graph {
     pub series: Vec<Series>,
 }
 
+/// Rows with the same start merged into one (an agent restarted within an
+/// interval leaves a row for each part): counts summed, ratios computed
+/// again from the sums.
+pub fn merge_rows(rows: &[Value]) -> Vec<Value> {
+    let mut merged: Vec<Value> = Vec::new();
+    for r in rows {
+        match merged.last_mut() {
+            Some(last) if last["start"] == r["start"] => {
+                if let (Value::Object(dst), Value::Object(src)) = (last, r) {
+                    for (k, v) in src {
+                        if let (Some(a), Some(b)) = (dst.get(k).and_then(Value::as_u64), v.as_u64())
+                        {
+                            dst.insert(k.clone(), (a + b).into());
+                        }
+                    }
+                }
+            }
+            _ => merged.push(r.clone()),
+        }
+    }
+    for r in &mut merged {
+        let n = |k: &str| r[k].as_u64().unwrap_or(0) as f64;
+        let conns = n("conns");
+        let ratio = |x: f64| if conns > 0.0 { x / conns } else { 0.0 };
+        let (syn, clt, srv) = (n("syn.count"), n("rst.count.clt"), n("rst.count.srv"));
+        r["syn.per_conn"] = ratio(syn).into();
+        r["rst.per_conn.clt"] = ratio(clt).into();
+        r["rst.per_conn.srv"] = ratio(srv).into();
+        r["rst.per_conn"] = ratio(clt + srv).into();
+    }
+    merged
+}
+
 impl Graph {
     /// Builds the graph of `metric` from interval rows (oldest first).
     pub fn new(metric: Metric, rows: &[Value], scope: &str) -> Self {
+        let rows = &merge_rows(rows);
         let at = |r: &Value| r["start"].as_f64().unwrap_or(0.0);
         let num = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
         let ratio = |key: &'static str| {
@@ -318,9 +352,11 @@ mod tests {
 
     fn rows() -> Vec<Value> {
         vec![
-            json!({"start": 0.0, "conns": 2, "rst.per_conn.clt": 0.0, "rst.per_conn.srv": 1.0, "close.fin": 1, "close.rst": 1}),
-            json!({"start": 10.0, "conns": 0, "rst.per_conn.clt": 0.0, "rst.per_conn.srv": 0.0}),
-            json!({"start": 20.0, "conns": 4, "rst.per_conn.clt": 0.5, "rst.per_conn.srv": 2.0, "close.rst": 4}),
+            json!({"start": 0.0, "conns": 2, "rst.count.clt": 0, "rst.count.srv": 2, "close.fin": 1, "close.rst": 1}),
+            json!({"start": 10.0, "conns": 0, "rst.count.clt": 0, "rst.count.srv": 0}),
+            // An interval an agent restart cut in two.
+            json!({"start": 20.0, "conns": 1, "rst.count.clt": 0, "rst.count.srv": 1, "close.rst": 1}),
+            json!({"start": 20.0, "conns": 3, "rst.count.clt": 2, "rst.count.srv": 7, "close.rst": 3}),
         ]
     }
 

@@ -96,7 +96,7 @@ impl Store {
                      scope TEXT NOT NULL,
                      key TEXT NOT NULL,
                      row TEXT NOT NULL,
-                     PRIMARY KEY (scope, key, start));
+                     PRIMARY KEY (scope, key, start, end));
                  CREATE INDEX IF NOT EXISTS intervals_end ON intervals (end);
                  INSERT OR IGNORE INTO meta VALUES ('schema', 1);",
             )
@@ -260,7 +260,8 @@ impl Store {
     }
 
     /// Interval rows of scope `kind` (and `key`, if given) that ended after
-    /// `unix` seconds, oldest first.
+    /// `unix` seconds, oldest first. An interval an agent restart cut in two
+    /// has two rows with the same start (see `graph::merge_rows`).
     pub fn intervals_since(
         &self,
         unix: f64,

@@ -8,34 +8,16 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{IpAddr, TcpStream},
     path::Path,
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use common::{Agent, Mix, Pair, Wire, mixed_traffic};
+use common::{Agent, Mix, Pair, Wire, flowmon, mixed_traffic, rows};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_flowmon");
-
-fn flowmon(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
-
-fn rows(out: &Output) -> Vec<Value> {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// An HTTP GET from inside namespace `ns`; returns the body.
 fn http_get(ns: &str, addr: &'static str, path: String) -> Option<String> {
@@ -178,17 +160,10 @@ fn history_snapshots_metrics_and_ipfix_from_a_live_agent() {
         &dir.path().join("prometheus.log"),
     );
 
-    let agent = Agent::start(
-        &pair.clt_ns,
+    let agent = Agent::quick(
+        &pair,
+        &sock,
         &[
-            "--iface",
-            &pair.clt_if,
-            "--interval",
-            "100ms",
-            "--linger",
-            "200ms",
-            "--socket",
-            &sock,
             "--db",
             &db,
             "--aggregate-interval",
@@ -674,31 +649,10 @@ fn history_snapshots_metrics_and_ipfix_from_a_live_agent() {
 
 /// Starts tcpdump on the client namespace's loopback for IPFIX (UDP 4739).
 fn ipfix_capture(ns: &str, path: &str) -> Daemon {
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "tcpdump",
-            "--immediate-mode",
-            "-i",
-            "lo",
-            "-U",
-            "-n",
-            "-w",
-            path,
-        ])
-        .args(["udp", "port", "4739"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("listening on") {
-        assert!(err.read_line(&mut line).unwrap() > 0, "tcpdump: {line}");
-    }
-    Daemon(child)
+    Daemon(common::tcpdump(
+        ns,
+        &["-i", "lo", "-w", path, "udp", "port", "4739"],
+    ))
 }
 
 #[test]
@@ -709,17 +663,10 @@ fn long_lived_connections_get_active_timeout_records() {
     let pcap = dir.path().join("ipfix.pcap").to_string_lossy().into_owned();
     let sock = dir.path().join("api.sock").to_string_lossy().into_owned();
     let tcpdump = ipfix_capture(&pair.clt_ns, &pcap);
-    let agent = Agent::start(
-        &pair.clt_ns,
+    let agent = Agent::quick(
+        &pair,
+        &sock,
         &[
-            "--iface",
-            &pair.clt_if,
-            "--interval",
-            "100ms",
-            "--linger",
-            "200ms",
-            "--socket",
-            &sock,
             "--no-history",
             "--ipfix",
             "udp://127.0.0.1:4739",

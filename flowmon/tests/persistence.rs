@@ -79,21 +79,7 @@ fn a_killed_agent_loses_and_doubles_nothing() {
     let pins = bpffs.0.join("flowmon").to_string_lossy().into_owned();
     let db = dir.path().join("history.db").to_string_lossy().into_owned();
     let sock = dir.path().join("api.sock").to_string_lossy().into_owned();
-    let args = [
-        "--iface",
-        &pair.clt_if,
-        "--interval",
-        "100ms",
-        "--linger",
-        "200ms",
-        "--socket",
-        &sock,
-        "--db",
-        &db,
-        "--persist",
-        "--pin-dir",
-        &pins,
-    ];
+    let args = ["--db", &db, "--persist", "--pin-dir", &pins];
     let capture = pair.capture();
     let srv = pair.srv_v4;
     let l = Pair::in_ns(&pair.srv_ns, move || {
@@ -129,7 +115,7 @@ fn a_killed_agent_loses_and_doubles_nothing() {
     let mut ports = Vec::new();
 
     // Agent A reports three connections, and sees three more open.
-    let a = Agent::start(&pair.clt_ns, &args);
+    let a = Agent::quick(&pair, &sock, &args);
     for (p, mut c) in connect(3) {
         ping(&mut c);
         ports.push(p);
@@ -168,7 +154,7 @@ fn a_killed_agent_loses_and_doubles_nothing() {
     server.join().unwrap();
 
     // Agent B resumes from the pins and reports the rest.
-    let b = Agent::start(&pair.clt_ns, &args);
+    let b = Agent::quick(&pair, &sock, &args);
     assert!(
         b.banner.contains("resuming the table pinned in"),
         "{}",

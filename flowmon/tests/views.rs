@@ -8,15 +8,12 @@ mod common;
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Command, Output},
     thread,
     time::Duration,
 };
 
-use common::{Agent, Mix, Pair, mixed_traffic};
+use common::{Agent, Mix, Pair, flowmon, mixed_traffic, rows};
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_flowmon");
 
 fn trace(path: &str) -> PathBuf {
     let dir = match std::env::var_os("FLOWMON_TESTDATA") {
@@ -24,23 +21,6 @@ fn trace(path: &str) -> PathBuf {
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/zeek"),
     };
     dir.join("traces").join(path)
-}
-
-fn flowmon(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
-
-/// Rows of a `--json` answer.
-fn rows(out: &Output) -> Vec<Value> {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// The `keys` of each row, as a JSON array of arrays.
@@ -273,20 +253,7 @@ fn no_agent_says_how_to_start_one() {
 fn live_views_from_the_agent() {
     let pair = Pair::new();
     let sock = format!("/tmp/{}-api.sock", pair.clt_ns);
-    let agent = Agent::start(
-        &pair.clt_ns,
-        &[
-            "--iface",
-            &pair.clt_if,
-            "--interval",
-            "100ms",
-            "--linger",
-            "200ms",
-            "--socket",
-            &sock,
-            "--no-history",
-        ],
-    );
+    let agent = Agent::quick(&pair, &sock, &["--no-history"]);
     let srv = pair.srv_v4;
     let Mix {
         graceful,

@@ -165,41 +165,13 @@ impl Pair {
     /// for all), with link type `link` (tcpdump's -y) if given.
     pub fn capture_on(&self, iface: &str, link: Option<&str>, tag: &str) -> Capture {
         let path = std::env::temp_dir().join(format!("{}-{tag}.pcap", self.clt_ns));
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.clt_ns,
-            "tcpdump",
-            "--immediate-mode",
-            "-i",
-            iface,
-            "-U",
-            "-n",
-            "-s",
-            "128",
-        ]);
+        let file = path.to_string_lossy().into_owned();
+        let mut args = vec!["-i", iface, "-s", "128", "-w", &file];
         if let Some(l) = link {
-            cmd.args(["-y", l]);
+            args.extend(["-y", l]);
         }
-        let mut child = cmd
-            .arg("-w")
-            .arg(&path)
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tcpdump");
-        // tcpdump says "listening on" once the socket is open and filtering.
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("listening on") {
-            line.clear();
-            assert!(
-                err.read_line(&mut line).unwrap() > 0,
-                "tcpdump exited before listening"
-            );
-        }
+        args.push("tcp");
+        let child = tcpdump(&self.clt_ns, &args);
         Capture { child, path }
     }
 }
@@ -428,6 +400,23 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// An agent on the pair's client side polling every 100 ms with a 200 ms
+    /// linger (so tests see closes quickly), API on `sock`, plus `extra`.
+    pub fn quick(pair: &Pair, sock: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "--iface",
+            &pair.clt_if,
+            "--interval",
+            "100ms",
+            "--linger",
+            "200ms",
+            "--socket",
+            sock,
+        ];
+        args.extend_from_slice(extra);
+        Self::start(&pair.clt_ns, &args)
+    }
+
     /// Starts `flowmon run ARGS` in `ns` and waits until it answers queries.
     pub fn start(ns: &str, args: &[&str]) -> Self {
         let mut child = Command::new("ip")
@@ -479,4 +468,55 @@ impl Drop for Agent {
             self.terminate();
         }
     }
+}
+
+/// Runs the flowmon binary to completion.
+pub fn flowmon(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flowmon"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Rows of a `--json` answer (asserting the command succeeded).
+pub fn rows(out: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Starts `tcpdump ARGS` in namespace `ns` and returns once it is listening.
+pub fn tcpdump(ns: &str, args: &[&str]) -> Child {
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "tcpdump",
+            "--immediate-mode",
+            "-U",
+            "-n",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tcpdump");
+    // tcpdump says "listening on" once the socket is open and filtering.
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "tcpdump exited before listening"
+        );
+    }
+    child
 }
