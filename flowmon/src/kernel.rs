@@ -721,6 +721,10 @@ fn raise_memlock_limit() {
 
 /// Whether `dir` (or, if it does not exist yet, its nearest existing parent)
 /// is on a BPF filesystem.
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "the statfs type field is i64 on x86_64 but narrower on other targets"
+)]
 fn on_bpffs(dir: &std::path::Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     dir.ancestors()
