@@ -12,7 +12,7 @@ use std::{
     thread,
 };
 
-use common::Pair;
+use common::{Pair, xdp_attached};
 use flowmon::kernel::{Kernel, KernelError, LoadOptions, XdpAttach};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowmon");
@@ -21,15 +21,6 @@ fn in_ns(ns: &str, args: &[&str]) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, BIN]).args(args);
     c
-}
-
-/// Whether iproute2 reports an XDP program on `iface` in `ns`.
-fn xdp_attached(ns: &str, iface: &str) -> bool {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-d", "-j", "link", "show", "dev", iface])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains("\"xdp\"")
 }
 
 #[test]

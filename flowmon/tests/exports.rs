@@ -419,13 +419,7 @@ fn history_snapshots_metrics_and_ipfix_from_a_live_agent() {
     );
 
     // --- Graphs from the history.
-    let out = flowmon(&["graph", "--db", &db, "--since", "1h"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::succeeded(&flowmon(&["graph", "--db", &db, "--since", "1h"]));
     assert!(
         text.starts_with("RST per connection (all connections)\n")
             && text.contains("c client   s server"),
@@ -446,71 +440,33 @@ fn history_snapshots_metrics_and_ipfix_from_a_live_agent() {
     );
     let png = d("closes.png");
     let srv_ip = pair.srv_v4.to_string();
-    let out = flowmon(&[
+    common::succeeded(&flowmon(&[
         "graph", "--db", &db, "--metric", "closes", "--server", &srv_ip, "--png", &png,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ]));
     assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
     let out = flowmon(&["graph", "--db", &d("none.db")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`flowmon run` writes it there"));
 
     // --- IPFIX as tshark decodes it: one biflow record per connection.
-    let out = Command::new("tshark")
-        .args([
-            "-r",
-            &ipfix_pcap,
-            "-d",
-            "udp.port==4739,cflow",
-            "-T",
-            "fields",
-            "-E",
-            "separator=/t",
-        ])
-        .args([
-            "-e",
+    let fields = cflow_fields(
+        &ipfix_pcap,
+        &[
             "cflow.srcaddr",
-            "-e",
             "cflow.dstaddr",
-            "-e",
             "cflow.srcport",
-            "-e",
             "cflow.dstport",
-        ])
-        .args([
-            "-e",
             "cflow.packets",
-            "-e",
             "cflow.octets",
-            "-e",
             "cflow.total_tcp_syn",
-        ])
-        .args([
-            "-e",
             "cflow.total_tcp_fin",
-            "-e",
             "cflow.total_tcp_rst",
-            "-e",
             "cflow.flow_end_reason",
-        ])
-        .args(["-e", "cflow.biflow_direction"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            "cflow.biflow_direction",
+        ],
     );
     let mut records = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let f: Vec<Vec<&str>> = line
-            .split('\t')
-            .map(|c| c.split(',').filter(|s| !s.is_empty()).collect())
-            .collect();
+    for f in &fields {
         for i in 0..f[2].len() {
             let n = |col: usize, k: usize| f[col][k].parse::<u64>().unwrap();
             let pair2 = |col: usize| [n(col, 2 * i), n(col, 2 * i + 1)];
@@ -609,18 +565,14 @@ fn history_snapshots_metrics_and_ipfix_from_a_live_agent() {
                 .starts_with("nfcapd.2")
         })
         .expect("nfcapd wrote a file");
-    let out = Command::new("nfdump")
-        .arg("-r")
-        .arg(&file)
-        .args(["-q", "-o", "csv"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let csv = common::succeeded(
+        &Command::new("nfdump")
+            .arg("-r")
+            .arg(&file)
+            .args(["-q", "-o", "csv"])
+            .output()
+            .unwrap(),
     );
-    let csv = String::from_utf8_lossy(&out.stdout);
     let mut flows = BTreeMap::new();
     for line in csv.lines().filter(|l| l.contains(&pair.clt_v4.to_string())) {
         // ts,te,td,sa,da,sp,dp,pr,flg,fwd,stos,ipkt,ibyt,opkt,obyt,...
@@ -645,6 +597,31 @@ fn history_snapshots_metrics_and_ipfix_from_a_live_agent() {
             "port {port}"
         );
     }
+}
+
+/// tshark's decoding of the IPFIX messages in `pcap`: per message, per
+/// field, the values in order (a message with several records lists each
+/// field's values for all of them; a biflow field has two per record).
+fn cflow_fields(pcap: &str, fields: &[&str]) -> Vec<Vec<Vec<String>>> {
+    let mut cmd = Command::new("tshark");
+    cmd.args(["-r", pcap, "-d", "udp.port==4739,cflow", "-T", "fields"])
+        .args(["-E", "separator=/t"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    common::succeeded(&cmd.output().unwrap())
+        .lines()
+        .map(|line| {
+            line.split('\t')
+                .map(|c| {
+                    c.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Starts tcpdump on the client namespace's loopback for IPFIX (UDP 4739).
@@ -712,38 +689,16 @@ fn long_lived_connections_get_active_timeout_records() {
     let wire = capture.finish();
     agent.stop();
     tcpdump.stop();
-    let out = Command::new("tshark")
-        .args([
-            "-r",
-            &pcap,
-            "-d",
-            "udp.port==4739,cflow",
-            "-T",
-            "fields",
-            "-E",
-            "separator=/t",
-        ])
-        .args([
-            "-e",
-            "cflow.srcport",
-            "-e",
-            "cflow.packets",
-            "-e",
-            "cflow.flow_end_reason",
-        ])
-        .output()
-        .unwrap();
+    let fields = cflow_fields(
+        &pcap,
+        &["cflow.srcport", "cflow.packets", "cflow.flow_end_reason"],
+    );
     let mut reasons = Vec::new();
     let mut sums = [0u64; 2];
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let f: Vec<Vec<u64>> = line
-            .split('\t')
-            .map(|c| {
-                c.split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|s| s.parse().unwrap())
-                    .collect()
-            })
+    for message in &fields {
+        let f: Vec<Vec<u64>> = message
+            .iter()
+            .map(|c| c.iter().map(|s| s.parse().unwrap()).collect())
             .collect();
         for i in 0..f[0].len() {
             if f[0][i] == u64::from(port) {
@@ -767,14 +722,11 @@ fn long_lived_connections_get_active_timeout_records() {
 #[test]
 fn the_example_scrape_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/prometheus.yml");
-    let out = Command::new("promtool")
-        .args(["check", "config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::succeeded(
+        &Command::new("promtool")
+            .args(["check", "config"])
+            .arg(&path)
+            .output()
+            .unwrap(),
     );
 }

@@ -14,10 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Pair, both_ways, bound_socket};
+use common::{Agent, Pair, both_ways, bound_socket, flowmon, rows, xdp_attached};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_flowmon");
 
 /// A BPF filesystem of the test's own, mounted where `ip netns exec` (which
 /// mounts a fresh /sys) still sees it; unmounted on drop.
@@ -38,36 +36,16 @@ impl Drop for Bpffs {
 }
 
 fn history(db: &str) -> Vec<Value> {
-    let out = Command::new(BIN)
-        .args([
-            "flows",
-            "--since",
-            "1h",
-            "--db",
-            db,
-            "--socket",
-            "/nonexistent",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn xdp_attached(ns: &str, iface: &str) -> bool {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-j", "link", "show", iface])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains("\"xdp\"")
+    rows(&flowmon(&[
+        "flows",
+        "--since",
+        "1h",
+        "--db",
+        db,
+        "--socket",
+        "/nonexistent",
+        "--json",
+    ]))
 }
 
 #[test]
@@ -214,32 +192,20 @@ fn a_killed_agent_loses_and_doubles_nothing() {
     assert!(seen.values().all(|n| *n == 1), "{seen:?}");
 
     // detach removes the links (so the programs) and the maps.
-    let out = Command::new(BIN)
-        .args(["detach", "--pin-dir", &pins])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = common::succeeded(&flowmon(&["detach", "--pin-dir", &pins]));
     assert_eq!(text.lines().count(), 6, "two links and four maps: {text}");
     assert!(!xdp_attached(&pair.clt_ns, &pair.clt_if));
     assert!(!std::path::Path::new(&pins).exists());
     // A pin directory that is not on a BPF filesystem is refused clearly.
-    let out = Command::new(BIN)
-        .args([
-            "run",
-            "--iface",
-            "lo",
-            "--persist",
-            "--pin-dir",
-            "/tmp/flowmon-not-bpffs",
-            "--no-history",
-        ])
-        .output()
-        .unwrap();
+    let out = flowmon(&[
+        "run",
+        "--iface",
+        "lo",
+        "--persist",
+        "--pin-dir",
+        "/tmp/flowmon-not-bpffs",
+        "--no-history",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not on a BPF filesystem"));
 }

@@ -419,21 +419,9 @@ impl Agent {
 
     /// Starts `flowmon run ARGS` in `ns` and waits until it answers queries.
     pub fn start(ns: &str, args: &[&str]) -> Self {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_flowmon"), "run"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start flowmon run");
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut banner = String::new();
-        while !banner.contains("answering queries") {
-            assert!(
-                err.read_line(&mut banner).unwrap() > 0,
-                "the agent stopped: {banner}"
-            );
-        }
+        let mut cmd = vec![env!("CARGO_BIN_EXE_flowmon"), "run"];
+        cmd.extend_from_slice(args);
+        let (child, mut err, banner) = spawn_until(ns, &cmd, "answering queries");
         // Keep draining stderr so the agent never blocks on a full pipe.
         thread::spawn(move || {
             let mut sink = String::new();
@@ -478,45 +466,65 @@ pub fn flowmon(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// Rows of a `--json` answer (asserting the command succeeded).
-pub fn rows(out: &std::process::Output) -> Vec<serde_json::Value> {
+/// A command's standard output, asserting it succeeded (with its stderr
+/// in the failure message).
+pub fn succeeded(out: &std::process::Output) -> String {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Rows of a `--json` answer (asserting the command succeeded).
+pub fn rows(out: &std::process::Output) -> Vec<serde_json::Value> {
+    succeeded(out)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 
-/// Starts `tcpdump ARGS` in namespace `ns` and returns once it is listening.
-pub fn tcpdump(ns: &str, args: &[&str]) -> Child {
+/// Whether an XDP program is attached to `iface` in namespace `ns`.
+pub fn xdp_attached(ns: &str, iface: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-d", "-j", "link", "show", "dev", iface])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("\"xdp\"")
+}
+
+/// Starts `cmd ARGS` in namespace `ns` with stderr piped, and reads stderr
+/// until a line contains `marker`. Returns the child, the rest of its
+/// stderr, and what it printed up to the marker.
+fn spawn_until(
+    ns: &str,
+    cmd: &[&str],
+    marker: &str,
+) -> (Child, BufReader<std::process::ChildStderr>, String) {
     let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "tcpdump",
-            "--immediate-mode",
-            "-U",
-            "-n",
-        ])
-        .args(args)
+        .args(["netns", "exec", ns])
+        .args(cmd)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start tcpdump");
-    // tcpdump says "listening on" once the socket is open and filtering.
+        .unwrap_or_else(|e| panic!("start {}: {e}", cmd[0]));
     let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("listening on") {
-        line.clear();
+    let mut seen = String::new();
+    while !seen.contains(marker) {
         assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "tcpdump exited before listening"
+            err.read_line(&mut seen).unwrap() > 0,
+            "{} exited before saying {marker:?}: {seen}",
+            cmd[0]
         );
     }
-    child
+    (child, err, seen)
+}
+
+/// Starts `tcpdump ARGS` in namespace `ns` and returns once it is listening.
+pub fn tcpdump(ns: &str, args: &[&str]) -> Child {
+    let mut cmd = vec!["tcpdump", "--immediate-mode", "-U", "-n"];
+    cmd.extend_from_slice(args);
+    // tcpdump says "listening on" once the socket is open and filtering.
+    spawn_until(ns, &cmd, "listening on").0
 }
