@@ -40,6 +40,7 @@ pub fn is_due(close: Close, silent: Duration, t: &Timeouts) -> bool {
         Close::Fin | Close::FinRst | Close::Rst | Close::Refused | Close::OrphanRst => {
             silent >= t.linger
         }
+        Close::Evicted => true,
         // These classes are only given once their timeout has passed.
         Close::Unanswered | Close::HalfClosed | Close::Idle => true,
         Close::Open | Close::Connecting => false,
@@ -66,6 +67,14 @@ pub struct Agent {
     recent: VecDeque<ConnRecord>,
     /// How many finished connections `recent` keeps.
     pub keep: usize,
+    /// Entries this poll put back (a new connection taken in place of a
+    /// retired one): still in the table, but not in this poll's live list.
+    kept: Vec<FlowKey>,
+    /// Evicted connections reported (the rest of the kernel's evictions
+    /// came and went between two polls, unseen).
+    pub evicted_reported: u64,
+    /// Connections reported since this agent started, evicted ones included.
+    pub reported: u64,
 }
 
 impl Agent {
@@ -77,6 +86,9 @@ impl Agent {
             removed: 0,
             recent: VecDeque::new(),
             keep: 100_000,
+            kept: Vec::new(),
+            evicted_reported: 0,
+            reported: 0,
         }
     }
 
@@ -114,15 +126,28 @@ impl Agent {
             .iter()
             .map(|a| a.iface.clone())
             .collect();
+        let kept = std::mem::take(&mut self.kept);
         let poll = self.tracker.poll(
             &live,
             &ended,
+            &kept,
             totals,
             ifaces,
             unix_ms,
             self.kernel.agent_removed(),
         );
-        let closed = record::build(ended, names, now_ns, &self.timeouts, clock.offset_ns);
+        let mut closed = record::build(ended, names, now_ns, &self.timeouts, clock.offset_ns);
+        let evicted = record::build(
+            poll.vanished.clone(),
+            names,
+            now_ns,
+            &self.timeouts,
+            clock.offset_ns,
+        );
+        self.evicted_reported += evicted.len() as u64;
+        closed.extend(evicted.into_iter().map(ConnRecord::evicted));
+        record::sort(&mut closed);
+        self.reported += closed.len() as u64;
         self.recent.extend(closed.iter().cloned());
         while self.recent.len() > self.keep {
             self.recent.pop_front();
@@ -163,6 +188,7 @@ impl Agent {
             return Ok(Some(latest));
         }
         self.kernel.restore_flow(key, latest)?;
+        self.kept.push(*key);
         Ok(None)
     }
 

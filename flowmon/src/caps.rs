@@ -1,5 +1,6 @@
-//! Checks, before touching the kernel, that this process may load and attach
-//! BPF programs, so a missing privilege gets a message that names it.
+//! The agent's privileges: checked before touching the kernel, so a missing
+//! one gets a message that names it, and dropped once the programs are
+//! attached.
 
 use std::fs;
 
@@ -38,6 +39,38 @@ fn effective() -> Option<u64> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
     u64::from_str_radix(line["CapEff:".len()..].trim(), 16).ok()
+}
+
+/// Drops every capability, the bounding set included, so nothing this
+/// process runs can regain one. After attaching, the agent reads and updates
+/// maps through descriptors it already holds, closes links (which detaches
+/// them) and writes files it owns: none of that is checked against a
+/// capability, so a compromised agent can no longer load programs, touch
+/// other interfaces or read other processes' files.
+pub fn drop_all() -> Result<(), caps::errors::CapsError> {
+    use caps::CapSet;
+    // The bounding set first: trimming it needs CAP_SETPCAP, dropped below.
+    for cap in caps::read(None, CapSet::Bounding)? {
+        caps::drop(None, CapSet::Bounding, cap)?;
+    }
+    for set in [
+        CapSet::Ambient,
+        CapSet::Inheritable,
+        CapSet::Effective,
+        CapSet::Permitted,
+    ] {
+        caps::clear(None, set)?;
+    }
+    Ok(())
+}
+
+/// The names of this process's effective capabilities, sorted.
+pub fn effective_names() -> Vec<String> {
+    let mut names: Vec<String> = caps::read(None, caps::CapSet::Effective)
+        .map(|s| s.into_iter().map(|c| c.to_string()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 #[cfg(test)]

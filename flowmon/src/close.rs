@@ -57,10 +57,13 @@ pub enum Close {
     Connecting,
     /// RST with no connection context at all: no SYN, no SYN-ACK, no data.
     OrphanRst,
+    /// Pushed out of a full kernel table before it ended: its counts are
+    /// those of the agent's last poll. Never the result of classifying.
+    Evicted,
 }
 
 impl Close {
-    pub const ALL: [Close; 10] = [
+    pub const ALL: [Close; 11] = [
         Close::Fin,
         Close::FinRst,
         Close::Rst,
@@ -71,6 +74,7 @@ impl Close {
         Close::Idle,
         Close::Connecting,
         Close::OrphanRst,
+        Close::Evicted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +89,7 @@ impl Close {
             Close::Idle => "idle",
             Close::Connecting => "connecting",
             Close::OrphanRst => "orphan-rst",
+            Close::Evicted => "evicted",
         }
     }
 

@@ -60,13 +60,14 @@ impl EndReason {
             Close::Unanswered | Close::HalfClosed | Close::Idle => EndReason::IdleTimeout,
             // Still open when the agent stopped.
             Close::Open | Close::Connecting => EndReason::ForcedEnd,
+            Close::Evicted => EndReason::LackOfResources,
         }
     }
 }
 
 /// The close class as the enterprise element carries it: its position in
 /// [`Close::ALL`] plus one (fin 1, fin-rst 2, rst 3, refused 4, unanswered 5,
-/// half-closed 6, open 7, idle 8, connecting 9, orphan-rst 10).
+/// half-closed 6, open 7, idle 8, connecting 9, orphan-rst 10, evicted 11).
 pub fn close_code(c: Close) -> u8 {
     Close::ALL.iter().position(|x| *x == c).expect("in ALL") as u8 + 1
 }

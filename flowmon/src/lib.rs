@@ -29,6 +29,7 @@ pub mod replay;
 pub mod services;
 pub mod sinks;
 pub mod snapshot;
+pub mod status;
 pub mod store;
 pub mod summary;
 pub mod views;

@@ -488,6 +488,7 @@ mod tests {
                 },
             ],
             opened: BTreeMap::from([(3, 2)]),
+            vanished: vec![],
             changed: vec![],
         }
     }

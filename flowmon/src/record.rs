@@ -43,6 +43,14 @@ impl ConnRecord {
         }
     }
 
+    /// The record of a connection the kernel evicted: the class says so,
+    /// whatever its last-seen packets looked like.
+    pub fn evicted(mut self) -> Self {
+        self.close = Close::Evicted;
+        self.closed_by = ClosedBy::None;
+        self
+    }
+
     /// A record read back from history: the class and times as they were
     /// reported, the rest derived again from the entry.
     pub fn from_parts(

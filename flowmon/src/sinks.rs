@@ -52,6 +52,8 @@ pub struct Sinks {
     snapshots: Option<Snapshots>,
     metrics: Option<(Metrics, Arc<Mutex<Page>>)>,
     ipfix: Option<(Exporter, UdpSocket)>,
+    /// Failed writes and sends since the agent started.
+    pub errors: u64,
 }
 
 impl Sinks {
@@ -94,6 +96,7 @@ impl Sinks {
                 )
             }),
             ipfix,
+            errors: 0,
         })
     }
 
@@ -173,6 +176,7 @@ impl Sinks {
             }
             sent.1 = records.len() as u64;
         }
+        self.errors += errors.len() as u64;
         if let Some((m, page)) = &mut self.metrics {
             m.observe_poll(&r.poll, &r.closed, names, took);
             if rows.iter().any(|a| a.end_ms > a.start_ms) {

@@ -54,7 +54,7 @@ impl Deltas {
         let b = before.copied().unwrap_or_default();
         let (client_dir, _) = crate::model::orient(k, v);
         for d in 0..2 {
-            let (n, b) = (&now.0[d], &b.0[d]);
+            let (n, b) = (&now.dir[d], &b.dir[d]);
             self.total.add_dir(n, b);
             self.sides[usize::from(d != client_dir)].add_dir(n, b);
         }
@@ -74,8 +74,16 @@ struct DirDigest {
     rst: u32,
 }
 
+/// What the tracker remembers of a connection: enough to compute deltas,
+/// and to report it should the kernel evict it before it ends (times to the
+/// second: two `u32` fit in the key's padding where two `u64` would not).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Digest([DirDigest; 2]);
+struct Digest {
+    dir: [DirDigest; 2],
+    /// CLOCK_MONOTONIC seconds of the first and last packet.
+    first_s: u32,
+    last_s: u32,
+}
 
 impl Digest {
     fn of(v: &FlowValue) -> Self {
@@ -87,7 +95,52 @@ impl Digest {
             fin: s.fin,
             rst: s.rst,
         };
-        Self([d(&v.dir[0]), d(&v.dir[1])])
+        let first = [v.dir[0].first_ns, v.dir[1].first_ns]
+            .into_iter()
+            .filter(|&t| t != 0)
+            .min()
+            .unwrap_or(0);
+        let last = v.dir[0].last_ns.max(v.dir[1].last_ns);
+        let secs = |ns: u64| u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX);
+        Self {
+            dir: [d(&v.dir[0]), d(&v.dir[1])],
+            first_s: secs(first),
+            // Rounded up, so that the last packet is never later than it says.
+            last_s: u32::try_from(last.div_ceil(1_000_000_000)).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The connection as last seen, for reporting it once it is gone: the
+    /// counts are exact as of that poll, the times to the second, and the
+    /// first flag of each kind is dated at the first packet.
+    fn value(&self) -> FlowValue {
+        let mut v = FlowValue::default();
+        let (first, last) = (
+            u64::from(self.first_s) * 1_000_000_000,
+            u64::from(self.last_s) * 1_000_000_000,
+        );
+        for (s, d) in v.dir.iter_mut().zip(&self.dir) {
+            if d.packets == 0 {
+                continue;
+            }
+            let at = |n: u32| if n > 0 { first } else { 0 };
+            *s = DirStats {
+                packets: d.packets,
+                bytes: d.bytes,
+                syn: d.syn,
+                synack: d.synack,
+                fin: d.fin,
+                rst: d.rst,
+                first_ns: first,
+                last_ns: last,
+                first_syn_ns: at(d.syn),
+                first_synack_ns: at(d.synack),
+                first_fin_ns: at(d.fin),
+                first_rst_ns: at(d.rst),
+                ..DirStats::default()
+            };
+        }
+        v
     }
 }
 
@@ -112,6 +165,9 @@ pub struct Poll {
     pub opened: BTreeMap<u32, u64>,
     /// Connections that saw packets since the previous poll, busiest first.
     pub changed: Vec<Conn>,
+    /// Connections seen by the previous poll and gone from the table without
+    /// the agent removing them: evicted. Their values are as last seen.
+    pub vanished: Vec<(FlowKey, FlowValue)>,
 }
 
 /// Remembers the previous poll so the next one can report what changed.
@@ -128,12 +184,16 @@ impl Tracker {
     }
 
     /// Builds a poll from the live entries and the connections that ended
-    /// since the previous poll (`ended`, removed or retired). `removed` is how
-    /// many entries the agent has deleted since load.
+    /// since the previous poll (`ended`, removed or retired). `kept` are
+    /// entries in the table this poll does not see as live (the agent put
+    /// them back while taking another): remembered as they were, not evicted.
+    /// `removed` is how many entries the agent has deleted since load.
+    #[allow(clippy::too_many_arguments)]
     pub fn poll(
         &mut self,
         live: &[(FlowKey, FlowValue)],
         ended: &[(FlowKey, FlowValue)],
+        kept: &[FlowKey],
         totals: [u64; STAT_COUNT as usize],
         ifaces: Vec<String>,
         time_unix_ms: u64,
@@ -169,6 +229,17 @@ impl Tracker {
             }
             next.insert(*k, now);
         }
+        for k in kept {
+            if let Some(d) = prev.get(k) {
+                next.entry(*k).or_insert(*d);
+            }
+        }
+        let mut vanished: Vec<(FlowKey, FlowValue)> = prev
+            .iter()
+            .filter(|(k, _)| !next.contains_key(k))
+            .map(|(k, d)| (*k, d.value()))
+            .collect();
+        vanished.sort_by_key(|(k, v)| (v.dir[0].first_ns.max(v.dir[1].first_ns), *k));
         changed.sort_by_key(|c| std::cmp::Reverse(c.value.dir[0].packets + c.value.dir[1].packets));
         let interval_ms = self
             .prev_time_unix_ms
@@ -193,6 +264,7 @@ impl Tracker {
             sides: delta.sides,
             opened,
             changed,
+            vanished,
         }
     }
 }
@@ -382,6 +454,7 @@ mod tests {
         let p = tr.poll(
             &[flow(40000, 3, 2)],
             &[],
+            &[],
             totals(1),
             vec!["veth0".into()],
             10_000,
@@ -411,6 +484,7 @@ mod tests {
         let p = tr.poll(
             &[flow(40000, 5, 2), flow(40001, 1, 1)],
             &[],
+            &[],
             totals(2),
             vec!["veth0".into()],
             11_000,
@@ -424,6 +498,7 @@ mod tests {
         assert_eq!(p.changed[0].key.port_b, 40000, "busiest first");
         let p = tr.poll(
             &[flow(40000, 5, 2), flow(40001, 1, 1)],
+            &[],
             &[],
             totals(2),
             vec!["veth0".into()],
@@ -439,11 +514,12 @@ mod tests {
     #[test]
     fn deltas_include_connections_that_ended() {
         let mut tr = Tracker::default();
-        tr.poll(&[flow(40000, 3, 2)], &[], totals(1), vec![], 0, 0);
+        tr.poll(&[flow(40000, 3, 2)], &[], &[], totals(1), vec![], 0, 0);
         // The connection ended at 4/2 and a new one on the same tuple has 1/0.
         let p = tr.poll(
             &[flow(40000, 1, 0)],
             &[flow(40000, 4, 2)],
+            &[],
             totals(1),
             vec![],
             1_000,
@@ -459,7 +535,7 @@ mod tests {
     #[test]
     fn entries_gone_from_the_table_are_evictions() {
         let mut tr = Tracker::default();
-        let p = tr.poll(&[flow(1, 1, 1)], &[], totals(5), vec![], 0, 1);
+        let p = tr.poll(&[flow(1, 1, 1)], &[], &[], totals(5), vec![], 0, 1);
         assert_eq!(
             p.flows_evicted, 3,
             "5 created, 1 live, 1 removed by the agent"
@@ -467,10 +543,38 @@ mod tests {
     }
 
     #[test]
+    fn connections_gone_unremoved_are_reported_as_last_seen() {
+        let mut tr = Tracker::default();
+        let (a, b, c) = (flow(40000, 3, 2), flow(40001, 4, 1), flow(40002, 1, 0));
+        tr.poll(&[a, b, c], &[], &[], totals(3), vec![], 0, 0);
+        // `a` ended (removed by the agent), `b` was put back by a take and is
+        // not in the live list, `c` vanished: only `c` was evicted.
+        let p = tr.poll(&[], &[a], &[b.0], totals(3), vec![], 1000, 1);
+        assert_eq!(p.vanished.len(), 1);
+        let (k, v) = p.vanished[0];
+        assert_eq!(k, c.0);
+        let (clt, srv) = (&v.dir[DIR_B_TO_A], &v.dir[DIR_A_TO_B]);
+        assert_eq!(
+            (clt.packets, clt.syn, srv.packets, srv.synack, srv.rst),
+            (1, 1, 0, 0, 0),
+            "the counts as last polled; the silent direction stays empty"
+        );
+        assert_eq!(
+            (clt.first_ns, clt.first_syn_ns, clt.last_ns),
+            (1_000_000_000, 1_000_000_000, 4_000_000_000),
+            "times to the second: first rounded down, last up"
+        );
+        // `b` is still remembered: its next poll counts only what is new.
+        let p = tr.poll(&[b], &[], &[], totals(3), vec![], 2000, 1);
+        assert_eq!((p.delta.packets, p.flows_new, p.vanished.len()), (0, 0, 0));
+    }
+
+    #[test]
     fn json_uses_the_connection_vocabulary() {
         let mut tr = Tracker::default();
         let p = tr.poll(
             &[flow(40000, 3, 2)],
+            &[],
             &[],
             totals(1),
             vec!["veth0".into()],
@@ -520,6 +624,7 @@ mod tests {
         let mut tr = Tracker::default();
         let p = tr.poll(
             &[flow(40000, 3, 2)],
+            &[],
             &[],
             totals(1),
             vec!["veth0".into()],

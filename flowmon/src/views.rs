@@ -27,6 +27,8 @@ pub enum View {
     TopServers,
     Conversations,
     Diagnose,
+    /// The agent's own health (`flowmon::status`), not a view of connections.
+    Status,
 }
 
 /// A query: what the CLI sends to the agent, and what it runs itself on a capture.
@@ -103,6 +105,8 @@ pub enum ViewError {
         "the filter mixes connection fields ({conn}) with fields of this view ({row}): filter connections or rows, not both"
     )]
     Mixed { conn: String, row: String },
+    #[error("status describes a running agent: there is none for a capture")]
+    AgentOnly,
 }
 
 fn col(key: &str, title: &str, kind: Kind) -> Column {
@@ -157,6 +161,7 @@ pub fn run(
             let kept = filter_records(req, records)?;
             Ok(diagnose::findings(&kept, services))
         }
+        View::Status => Err(ViewError::AgentOnly),
     }
 }
 

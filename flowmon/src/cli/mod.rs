@@ -15,6 +15,7 @@ mod graph;
 mod query;
 mod replay;
 mod run;
+mod status;
 mod timeouts;
 mod top;
 
@@ -61,6 +62,8 @@ enum Command {
     Diagnose(diagnose::DiagnoseArgs),
     /// RST per connection (client and server), SYN per connection or closes over time, from the history.
     Graph(graph::GraphArgs),
+    /// The running agent's health: interfaces, table use, evictions, exports, privileges.
+    Status(status::StatusArgs),
     /// Remove the programs and maps `flowmon run --persist` left attached and pinned.
     Detach(detach::DetachArgs),
 }
@@ -75,6 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Conversations(a) => conversations::run(a),
         Command::Diagnose(a) => diagnose::run(a),
         Command::Graph(a) => graph::run(a),
+        Command::Status(a) => status::run(a),
         Command::Detach(a) => detach::run(a),
     }
 }

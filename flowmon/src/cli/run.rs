@@ -11,15 +11,18 @@ use std::{net::SocketAddr, path::PathBuf};
 use flowmon::{
     agent::{self, Agent},
     api::{self, Reply},
+    caps,
     close::Timeouts,
     http, iface, ipfix,
     kernel::{self, Kernel, LoadOptions, XdpAttach},
     record::ConnRecord,
     services::Services,
     sinks::{SinkConfig, Sinks},
-    snapshot, store,
+    snapshot,
+    status::{self, Status},
+    store,
     summary::{self, Clock},
-    views,
+    views::{self, Response, View},
 };
 
 use super::timeouts::TimeoutArgs;
@@ -290,6 +293,10 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot serve the API on {}", cfg.socket.display()))?;
     std_listener.set_nonblocking(true)?;
     eprintln!("flowmon: answering queries on {}", cfg.socket.display());
+    // Everything privileged is done: programs loaded and attached, sockets
+    // bound, files opened.
+    caps::drop_all().context("dropping capabilities after attaching")?;
+    let mut health = Health::new();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -298,7 +305,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         if let (Some(l), Some(page)) = (metrics_listener, sinks.page()) {
             tokio::spawn(http::serve(tokio::net::TcpListener::from_std(l)?, page));
         }
-        poll_loop(&mut agent, &mut sinks, &cfg, &listener).await
+        poll_loop(&mut agent, &mut sinks, &cfg, &listener, &mut health).await
     });
     let _ = std::fs::remove_file(&cfg.socket);
     // Report what is still open, then drop the kernel handle, which detaches
@@ -307,7 +314,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // is open now; otherwise report it here.
     let persist = cfg.load.pin.is_some();
     let flushed = if result.is_ok() {
-        poll_once(&mut agent, &mut sinks, &cfg, !persist)
+        poll_once(&mut agent, &mut sinks, &cfg, &mut health, !persist)
     } else {
         Ok(())
     };
@@ -327,6 +334,7 @@ async fn poll_loop(
     sinks: &mut Sinks,
     cfg: &RunConfig,
     listener: &tokio::net::UnixListener,
+    health: &mut Health,
 ) -> anyhow::Result<()> {
     let services = Services::system();
     let mut logger = if cfg.load.kernel_log {
@@ -338,7 +346,6 @@ async fn poll_loop(
     let mut ticker = tokio::time::interval(cfg.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
-    let mut polls = 0u64;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -348,7 +355,7 @@ async fn poll_loop(
                 // Queries are answered between polls, one at a time: they
                 // read the same table the poll does, without locking.
                 if let Ok((stream, _)) = accepted {
-                    serve(agent, sinks, stream, &services).await;
+                    serve(agent, sinks, stream, &services, &status(agent, sinks, cfg, health)).await;
                 }
                 continue;
             }
@@ -356,19 +363,91 @@ async fn poll_loop(
         if let Some(l) = logger.as_mut() {
             l.flush();
         }
-        match poll_once(agent, sinks, cfg, false) {
+        match poll_once(agent, sinks, cfg, health, false) {
             Err(e) if is_broken_pipe(&e) => return Ok(()),
             r => r?,
         }
-        polls += 1;
-        if cfg.polls.is_some_and(|n| polls >= n) {
+        if cfg.polls.is_some_and(|n| health.polls >= n) {
             return Ok(());
         }
     }
 }
 
+/// What the agent knows of its own running, for `flowmon status`.
+struct Health {
+    started: std::time::Instant,
+    polls: u64,
+    last_poll: Duration,
+    /// The latest poll's kernel counters, table use and evictions.
+    last: Option<(
+        [u64; flowmon_common::stats::STAT_COUNT as usize],
+        usize,
+        u64,
+    )>,
+}
+
+impl Health {
+    fn new() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            polls: 0,
+            last_poll: Duration::ZERO,
+            last: None,
+        }
+    }
+}
+
+fn status(agent: &Agent, sinks: &Sinks, cfg: &RunConfig, h: &Health) -> Status {
+    let (totals, used, evicted) =
+        h.last
+            .unwrap_or(([0; flowmon_common::stats::STAT_COUNT as usize], 0, 0));
+    let path = |p: &std::path::Path| p.display().to_string();
+    Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        uptime_s: h.started.elapsed().as_secs_f64(),
+        poll_interval_s: cfg.interval.as_secs_f64(),
+        polls: h.polls,
+        last_poll_ms: h.last_poll.as_secs_f64() * 1e3,
+        ifaces: agent
+            .kernel
+            .attached()
+            .iter()
+            .map(|a| status::Iface {
+                name: a.iface.clone(),
+                ifindex: a.ifindex,
+                xdp_mode: a.xdp_mode.into(),
+            })
+            .collect(),
+        pin_dir: cfg.load.pin.as_deref().map(path),
+        resumed: agent.kernel.resumed(),
+        table: status::Table {
+            capacity: cfg.load.max_flows,
+            used: used as u64,
+            reported: agent.reported,
+            evicted,
+            evicted_reported: agent.evicted_reported,
+        },
+        kernel: status::kernel_counters(&totals),
+        exports: status::Exports {
+            history: cfg.sinks.db.as_deref().map(path),
+            snapshots: cfg.sinks.snapshots.as_ref().map(|(d, _)| path(d)),
+            metrics: cfg.metrics.map(|a| format!("http://{a}/metrics")),
+            ipfix: cfg.sinks.ipfix.as_ref().map(|(t, _)| format!("udp://{t}")),
+            errors: sinks.errors,
+        },
+        capabilities: caps::effective_names(),
+    }
+}
+
 /// Answers one API request (see `flowmon::api` for the protocol).
-async fn serve(agent: &Agent, sinks: &Sinks, stream: tokio::net::UnixStream, services: &Services) {
+async fn serve(
+    agent: &Agent,
+    sinks: &Sinks,
+    stream: tokio::net::UnixStream,
+    services: &Services,
+    status: &Status,
+) {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -380,6 +459,10 @@ async fn serve(agent: &Agent, sinks: &Sinks, stream: tokio::net::UnixStream, ser
     }
     let reply = match api::parse_request(&line) {
         Err(reply) => reply,
+        Ok(req) if req.view == View::Status => Reply::answer(Ok(Response {
+            columns: vec![],
+            rows: vec![serde_json::to_value(status).expect("a status serializes")],
+        })),
         Ok(req) => match records(agent, sinks, req.since) {
             Ok(records) => Reply::answer(views::run(&req, &records, services)),
             Err(e) => Reply::error(e, false),
@@ -426,6 +509,7 @@ fn poll_once(
     agent: &mut Agent,
     sinks: &mut Sinks,
     cfg: &RunConfig,
+    health: &mut Health,
     flush: bool,
 ) -> anyhow::Result<()> {
     let names = iface::names();
@@ -435,6 +519,13 @@ fn poll_once(
         .map_or(0, |d| d.as_millis() as u64);
     let now_ns = agent::monotonic_ns();
     let result = agent.poll(now_ns, now_ms, &names, flush)?;
+    health.polls += 1;
+    health.last_poll = started.elapsed();
+    health.last = Some((
+        result.poll.totals,
+        result.poll.flows_active,
+        result.poll.flows_evicted,
+    ));
     sinks.poll(
         &result,
         &names,

@@ -6,10 +6,10 @@
 use std::{
     collections::HashMap,
     fs::File,
-    io::{BufRead as _, BufReader},
-    net::IpAddr,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, TcpStream},
     os::fd::AsFd as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
@@ -527,4 +527,107 @@ pub fn tcpdump(ns: &str, args: &[&str]) -> Child {
     cmd.extend_from_slice(args);
     // tcpdump says "listening on" once the socket is open and filtering.
     spawn_until(ns, &cmd, "listening on").0
+}
+
+/// Starts a daemon in `ns` with its output in `log`, killed on drop.
+pub struct Daemon(pub Child);
+
+impl Daemon {
+    pub fn start(ns: &str, args: &[&str], log: &Path) -> Self {
+        let log = std::fs::File::create(log).unwrap();
+        Self(
+            Command::new("ip")
+                .args(["netns", "exec", ns])
+                .args(args)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// SIGINT (tcpdump and nfcapd flush their files on it) and wait.
+    pub fn stop(mut self) {
+        self.interrupt();
+    }
+
+    fn interrupt(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            self.interrupt();
+        }
+    }
+}
+
+/// tshark's decoding of the IPFIX messages in `pcap`: per message, per
+/// field, the values in order (a message with several records lists each
+/// field's values for all of them; a biflow field has two per record).
+pub fn cflow_fields(pcap: &str, fields: &[&str]) -> Vec<Vec<Vec<String>>> {
+    let mut cmd = Command::new("tshark");
+    cmd.args(["-r", pcap, "-d", "udp.port==4739,cflow", "-T", "fields"])
+        .args(["-E", "separator=/t"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    succeeded(&cmd.output().unwrap())
+        .lines()
+        .map(|line| {
+            line.split('\t')
+                .map(|c| {
+                    c.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Starts tcpdump on the client namespace's loopback for IPFIX (UDP 4739).
+pub fn ipfix_capture(ns: &str, path: &str) -> Daemon {
+    Daemon(tcpdump(
+        ns,
+        &["-i", "lo", "-w", path, "udp", "port", "4739"],
+    ))
+}
+
+/// An HTTP GET from inside namespace `ns`; returns the body.
+pub fn http_get(ns: &str, addr: &'static str, path: String) -> Option<String> {
+    Pair::in_ns(ns, move || {
+        let mut s = TcpStream::connect(addr).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let (head, body) = resp.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200")
+            .then(|| body.to_string())
+            .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
+    })
+}
+
+/// A sample's value in Prometheus text format.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(200));
+    }
 }
