@@ -103,6 +103,11 @@ impl Agent {
         flush: bool,
     ) -> Result<PollResult, KernelError> {
         let clock = Clock::now();
+        // The counters before the table: entries created in between are then
+        // in the table but not in `created`, so evictions (created minus what
+        // is in the table or was removed) are at worst undercounted for one
+        // poll, never overcounted, and a monotonic counter stays exact.
+        let totals = self.kernel.stats()?;
         let mut ended: Vec<(FlowKey, FlowValue)> = self.kernel.drain_retired()?;
         let mut live = Vec::new();
         for (k, v) in self.kernel.flows()? {
@@ -119,7 +124,6 @@ impl Agent {
         }
         let removed = std::mem::take(&mut self.removed);
         self.kernel.add_agent_removed(removed)?;
-        let totals = self.kernel.stats()?;
         let ifaces = self
             .kernel
             .attached()

@@ -175,6 +175,8 @@ pub struct Poll {
 pub struct Tracker {
     prev: FxHashMap<FlowKey, Digest>,
     prev_time_unix_ms: Option<u64>,
+    /// Evictions since load, as last reported.
+    evicted: u64,
 }
 
 impl Tracker {
@@ -244,12 +246,17 @@ impl Tracker {
         let interval_ms = self
             .prev_time_unix_ms
             .map_or(0, |p| time_unix_ms.saturating_sub(p));
-        let flows_active = live.len();
+        let flows_active = live.len() + kept.len();
         // Entries leave the table by the agent's removal or by LRU eviction
         // (a retired connection's entry is replaced, not removed), so the
         // rest of what the kernel created and no longer holds was evicted.
-        let flows_evicted =
-            totals[STAT_FLOWS_CREATED as usize].saturating_sub(flows_active as u64 + removed);
+        // The agent reads the counters before the table, so entries created
+        // in between are in the table but not yet in `created`: the estimate
+        // can dip for a poll, never overshoot, and the highest is the count.
+        let flows_evicted = self.evicted.max(
+            totals[STAT_FLOWS_CREATED as usize].saturating_sub(flows_active as u64 + removed),
+        );
+        self.evicted = flows_evicted;
         self.prev = next;
         self.prev_time_unix_ms = Some(time_unix_ms);
         Poll {
@@ -540,6 +547,18 @@ mod tests {
             p.flows_evicted, 3,
             "5 created, 1 live, 1 removed by the agent"
         );
+        // Entries counted in the table but not yet in `created` (read
+        // first) make the estimate dip: the count never goes back.
+        let p = tr.poll(
+            &[flow(1, 1, 1), flow(2, 1, 1), flow(3, 1, 1)],
+            &[],
+            &[],
+            totals(6),
+            vec![],
+            0,
+            1,
+        );
+        assert_eq!(p.flows_evicted, 3);
     }
 
     #[test]

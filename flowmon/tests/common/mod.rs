@@ -166,7 +166,7 @@ impl Pair {
     pub fn capture_on(&self, iface: &str, link: Option<&str>, tag: &str) -> Capture {
         let path = std::env::temp_dir().join(format!("{}-{tag}.pcap", self.clt_ns));
         let file = path.to_string_lossy().into_owned();
-        let mut args = vec!["-i", iface, "-s", "128", "-w", &file];
+        let mut args = vec!["-i", iface, "-s", "128", "-B", "65536", "-w", &file];
         if let Some(l) = link {
             args.extend(["-y", l]);
         }
