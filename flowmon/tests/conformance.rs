@@ -8,60 +8,17 @@
 //! says instead is asserted. `replay` (the kernel path) must print exactly
 //! what `analyze` (the user-space path) prints: that part needs root.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
+mod common;
+
+use common::{testdata, traces};
 use flowmon::{
     close::Timeouts,
     kernel::{Kernel, LoadOptions},
     offline::{self, Analysis},
     record::ConnRecord,
 };
-
-fn testdata() -> PathBuf {
-    let dir = match std::env::var_os("FLOWMON_TESTDATA") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/zeek"),
-    };
-    assert!(
-        dir.join("traces").is_dir(),
-        "Zeek conformance data not found at {}: set FLOWMON_TESTDATA",
-        dir.display()
-    );
-    dir
-}
-
-/// The traces, as (path under traces/, file stem used by expected/ and tshark/).
-fn traces() -> Vec<(PathBuf, String)> {
-    let dir = testdata();
-    let mut out: Vec<(PathBuf, String)> = std::fs::read_dir(dir.join("expected"))
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .trim_end_matches(".conn.tsv")
-                .to_string()
-        })
-        .map(|stem| {
-            // "tcp_single-rst.pcap" is traces/tcp/single-rst.pcap; names
-            // without a folder have no underscore-separated prefix dir.
-            let path = match stem.split_once('_') {
-                Some((d, f)) if dir.join("traces").join(d).is_dir() => {
-                    dir.join("traces").join(d).join(f)
-                }
-                _ => dir.join("traces").join(&stem),
-            };
-            (path, stem)
-        })
-        .collect();
-    out.sort();
-    assert_eq!(out.len(), 14, "the 14 Zeek traces");
-    out
-}
 
 fn tsv(path: &Path) -> Vec<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -631,3 +631,46 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
         thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The Zeek conformance data (`shared/testdata/zeek`, or `FLOWMON_TESTDATA`).
+pub fn testdata() -> PathBuf {
+    let dir = match std::env::var_os("FLOWMON_TESTDATA") {
+        Some(d) => PathBuf::from(d),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/zeek"),
+    };
+    assert!(
+        dir.join("traces").is_dir(),
+        "Zeek conformance data not found at {}: set FLOWMON_TESTDATA",
+        dir.display()
+    );
+    dir
+}
+
+/// The traces, as (path under traces/, file stem used by expected/ and tshark/).
+pub fn traces() -> Vec<(PathBuf, String)> {
+    let dir = testdata();
+    let mut out: Vec<(PathBuf, String)> = std::fs::read_dir(dir.join("expected"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .trim_end_matches(".conn.tsv")
+                .to_string()
+        })
+        .map(|stem| {
+            // "tcp_single-rst.pcap" is traces/tcp/single-rst.pcap; names
+            // without a folder have no underscore-separated prefix dir.
+            let path = match stem.split_once('_') {
+                Some((d, f)) if dir.join("traces").join(d).is_dir() => {
+                    dir.join("traces").join(d).join(f)
+                }
+                _ => dir.join("traces").join(&stem),
+            };
+            (path, stem)
+        })
+        .collect();
+    out.sort();
+    assert_eq!(out.len(), 14, "the 14 Zeek traces");
+    out
+}
