@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build;
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -28,6 +29,8 @@ enum Task {
     Test(test::Options),
     /// Run the performance suite and print a table (root).
     Bench(bench::Options),
+    /// Fuzz the packet parser, the capture reader and the filter parser (cargo-fuzz).
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Task::Run(o) => run::run(o),
         Task::Test(o) => test::run(&o),
         Task::Bench(o) => bench::run(&o),
+        Task::Fuzz(o) => fuzz::run(&o),
     }
 }

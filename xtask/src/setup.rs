@@ -11,6 +11,8 @@ use crate::util::{self, output};
 
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The cargo-fuzz release `cargo xtask fuzz` runs.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Debian packages the tests run, netbase for /etc/services (the
 /// application names `conversations` shows) and a font for `flowmon graph`.
@@ -88,6 +90,25 @@ fn bpf_linker() -> anyhow::Result<()> {
             ])
             .env("LLVM_PREFIX", &prefix),
     )
+}
+
+/// Installs cargo-fuzz unless this version is already there.
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    let have = output(Command::new("cargo").args(["fuzz", "--version"]));
+    if have
+        .as_deref()
+        .is_some_and(|v| v.contains(CARGO_FUZZ_VERSION))
+    {
+        return Ok(());
+    }
+    util::run(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--force",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }
 
 fn packages() -> anyhow::Result<()> {

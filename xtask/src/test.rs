@@ -11,13 +11,16 @@ use std::{
 
 use anyhow::bail;
 
-use crate::{setup, util};
+use crate::{fuzz, setup, util};
 
 #[derive(clap::Args)]
 pub struct Options {
     /// Only the tests that need no root.
     #[arg(long)]
     unprivileged: bool,
+    /// Seconds each fuzz target runs after the tests (0: no fuzzing).
+    #[arg(long, default_value_t = 30)]
+    fuzz_seconds: u64,
     /// Extra arguments for the test harness (e.g. a test name filter).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
@@ -60,6 +63,14 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     }
     if totals.passed == 0 {
         bail!("no test ran");
+    }
+    // A short fuzzing run on top: the saved inputs already ran as unit
+    // tests; this looks for new ones, and fails on any crash it finds.
+    if !o.unprivileged && o.fuzz_seconds > 0 && o.args.is_empty() {
+        fuzz::run(&fuzz::Options {
+            seconds: o.fuzz_seconds,
+            targets: vec![],
+        })?;
     }
     Ok(())
 }
