@@ -22,7 +22,11 @@ pub enum CaptureError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a readable pcap or pcapng file (packet {packet})")]
+    #[error("{}", if *.packet == 0 {
+        format!("{} is not a pcap or pcapng capture (its file header is unreadable)", .path.display())
+    } else {
+        format!("{}: packet {} is cut short or damaged", .path.display(), .packet)
+    })]
     Format {
         path: PathBuf,
         packet: u64,

@@ -70,6 +70,38 @@ pub struct Analysis {
     pub totals: [u64; STAT_COUNT as usize],
     /// Time of the last packet, the "now" incomplete connections are judged at.
     pub end_ns: u64,
+    /// Why reading stopped before the end of the file (a capture cut short
+    /// in the middle of a packet, or damaged): the analysis covers the
+    /// packets before it.
+    pub damaged: Option<crate::capture::CaptureError>,
+}
+
+impl Analysis {
+    /// Says on stderr that the analysis stops short of the file's end.
+    pub fn warn(&self) {
+        if let Some(e) = &self.damaged {
+            let cause = std::error::Error::source(e).map_or(String::new(), |s| format!(": {s}"));
+            eprintln!(
+                "flowmon: warning: {e}{cause}; the {} packets before it are analysed, the rest of the file is not",
+                self.totals[flowmon_common::stats::STAT_PACKETS as usize]
+            );
+        }
+    }
+}
+
+/// The next packet of `cap`; a read error ends the capture and is kept in
+/// `damaged`: a pcap has no markers to resynchronise on after a bad record.
+pub fn next_packet(
+    cap: &mut crate::capture::Capture,
+    damaged: &mut Option<crate::capture::CaptureError>,
+) -> Option<crate::capture::Packet> {
+    match cap.next()? {
+        Ok(p) => Some(p),
+        Err(e) => {
+            *damaged = Some(e);
+            None
+        }
+    }
 }
 
 /// Interface names of a capture as flow keys carry them: capture interface
@@ -93,8 +125,8 @@ pub fn analyze(
     let mut table = OfflineTable::default();
     let mut end_ns = 0;
     let mut ifaces = 0;
-    for p in cap.by_ref() {
-        let p = p?;
+    let mut damaged = None;
+    while let Some(p) = next_packet(&mut cap, &mut damaged) {
         end_ns = end_ns.max(p.ts_ns);
         ifaces = ifaces.max(p.iface + 1);
         table.packet(&p.frame, p.iface + 1, p.ts_ns);
@@ -106,5 +138,6 @@ pub fn analyze(
         records,
         totals,
         end_ns,
+        damaged,
     })
 }

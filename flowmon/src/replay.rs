@@ -43,9 +43,10 @@ pub fn replay(kernel: &mut Kernel, path: &Path, t: &Timeouts) -> Result<Analysis
     let mut ifaces = 0;
     let mut retired = Vec::new();
     let mut out = vec![0u8; MAX_TEST_FRAME + 256];
-    for (n, p) in cap.by_ref().enumerate() {
-        let p = p?;
-        let n = n as u64 + 1;
+    let mut damaged = None;
+    let mut n = 0;
+    while let Some(p) = crate::offline::next_packet(&mut cap, &mut damaged) {
+        n += 1;
         end_ns = end_ns.max(p.ts_ns);
         ifaces = ifaces.max(p.iface + 1);
         if p.frame.len() < ETH_HLEN {
@@ -82,5 +83,6 @@ pub fn replay(kernel: &mut Kernel, path: &Path, t: &Timeouts) -> Result<Analysis
         records,
         totals,
         end_ns,
+        damaged,
     })
 }

@@ -37,6 +37,7 @@ pub enum By {
 pub fn run(a: AnalyzeArgs) -> anyhow::Result<()> {
     let t: Timeouts = a.timeouts.resolve();
     let analysis = offline::analyze(&a.file, &t)?;
+    analysis.warn();
     match a.by {
         None => print(&analysis, a.json),
         Some(by) => print_metrics(&analysis, by, a.json),

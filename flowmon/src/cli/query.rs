@@ -106,7 +106,9 @@ fn answer(req: &Request, q: &QueryArgs) -> anyhow::Result<Response> {
     };
     match &q.pcap {
         Some(path) => {
-            let mut records = offline::analyze(path, &q.timeouts.resolve())?.records;
+            let analysis = offline::analyze(path, &q.timeouts.resolve())?;
+            analysis.warn();
+            let mut records = analysis.records;
             // A capture's "now" is its last packet.
             if let Some(s) = since {
                 let end = records.iter().map(|r| r.last_seen).fold(f64::MIN, f64::max);

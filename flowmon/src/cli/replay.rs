@@ -28,5 +28,6 @@ pub fn run(a: ReplayArgs) -> anyhow::Result<()> {
         kernel_log: false,
     })?;
     let analysis = flowmon::replay::replay(&mut kernel, &a.file, &a.timeouts.resolve())?;
+    analysis.warn();
     super::analyze::print(&analysis, a.json)
 }
