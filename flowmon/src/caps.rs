@@ -50,8 +50,13 @@ fn effective() -> Option<u64> {
 pub fn drop_all() -> Result<(), caps::errors::CapsError> {
     use caps::CapSet;
     // The bounding set first: trimming it needs CAP_SETPCAP, dropped below.
-    for cap in caps::read(None, CapSet::Bounding)? {
-        caps::drop(None, CapSet::Bounding, cap)?;
+    // Without it (a systemd unit's CapabilityBoundingSet leaves it out) the
+    // bounding set is already what the service manager allowed, and empty
+    // permitted and effective sets are enough: nothing here execs.
+    if caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP)? {
+        for cap in caps::read(None, CapSet::Bounding)? {
+            caps::drop(None, CapSet::Bounding, cap)?;
+        }
     }
     for set in [
         CapSet::Ambient,

@@ -255,3 +255,73 @@ fn xdp_hook_taken_is_named() {
         held.1
     );
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn runs_with_only_the_service_units_capabilities() {
+    // What flowmon.service grants: three capabilities, no CAP_SETPCAP to
+    // trim the bounding set with, no new privileges.
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock").to_string_lossy().into_owned();
+    let agent = common::Agent::start_under(
+        &pair.clt_ns,
+        &[
+            "setpriv",
+            "--bounding-set=-all,+bpf,+net_admin,+perfmon",
+            "--inh-caps=-all",
+            "--no-new-privs",
+        ],
+        &[
+            "--iface",
+            &pair.clt_if,
+            "--interval",
+            "100ms",
+            "--linger",
+            "200ms",
+            "--socket",
+            &sock,
+            "--no-history",
+        ],
+    );
+    let status = common::rows(&common::flowmon(&["status", "--socket", &sock, "--json"]));
+    assert_eq!(status[0]["capabilities"], serde_json::json!([]));
+    let caps = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap();
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        let line = caps.lines().find(|l| l.starts_with(set)).unwrap();
+        assert!(line.ends_with("0000000000000000"), "{line}");
+    }
+    // With nothing left, it still counts and reports a connection.
+    let srv = pair.srv_v4;
+    let l = Pair::in_ns(&pair.srv_ns, move || {
+        TcpListener::bind((srv, 8093)).unwrap()
+    });
+    let server = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+    });
+    Pair::in_ns(&pair.clt_ns, move || {
+        let mut c = TcpStream::connect((srv, 8093)).unwrap();
+        c.write_all(b"ping").unwrap();
+    });
+    server.join().unwrap();
+    let rows = common::wait_for("the connection", std::time::Duration::from_secs(10), || {
+        let rows = common::rows(&common::flowmon(&[
+            "flows",
+            "--socket",
+            &sock,
+            "--json",
+            "--filter",
+            "close = fin",
+        ]));
+        (!rows.is_empty()).then_some(rows)
+    });
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["server.port"], 8093);
+    agent.stop();
+    assert!(
+        !xdp_attached(&pair.clt_ns, &pair.clt_if),
+        "detached without privileges"
+    );
+}

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build;
+mod deb;
 mod fuzz;
 mod run;
 mod setup;
@@ -29,6 +30,8 @@ enum Task {
     Test(test::Options),
     /// Run the performance suite and print a table (root).
     Bench(bench::Options),
+    /// Build the Debian package (binary, systemd unit, defaults) into target/deb.
+    Deb(deb::Options),
     /// Fuzz the packet parser, the capture reader and the filter parser (cargo-fuzz).
     Fuzz(fuzz::Options),
 }
@@ -41,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test(o) => test::run(&o),
         Task::Bench(o) => bench::run(&o),
         Task::Fuzz(o) => fuzz::run(&o),
+        Task::Deb(o) => deb::run(&o),
     }
 }

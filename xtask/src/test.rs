@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::bail;
 
-use crate::{fuzz, setup, util};
+use crate::{deb, fuzz, setup, util};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -63,6 +63,10 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     }
     if totals.passed == 0 {
         bail!("no test ran");
+    }
+    // The Debian package: built, its unit analysed, installed and purged.
+    if !o.unprivileged && o.args.is_empty() {
+        deb::verify(&deb::build_deb(&util::root().join("target/deb"))?)?;
     }
     // A short fuzzing run on top: the saved inputs already ran as unit
     // tests; this looks for new ones, and fails on any crash it finds.

@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// Connections listed under each text summary.
     #[arg(long, default_value_t = 10)]
     show: usize,
+    /// No per-poll output (as a service: history, metrics, IPFIX and
+    /// `flowmon status` carry it all).
+    #[arg(long, conflicts_with = "json")]
+    quiet: bool,
     /// Stop after this many polls (default: run until Ctrl-C or SIGTERM).
     #[arg(long)]
     polls: Option<u64>,
@@ -129,6 +133,7 @@ pub struct RunConfig {
     replace_xdp: bool,
     load: LoadOptions,
     show: usize,
+    quiet: bool,
     polls: Option<u64>,
     timeouts: Timeouts,
     socket: std::path::PathBuf,
@@ -165,6 +170,7 @@ impl RunArgs {
                 pin: self.persist.then_some(self.pin_dir),
             },
             show: self.show,
+            quiet: self.quiet,
             polls: self.polls,
             timeouts: self.timeouts.resolve(),
             socket: self.socket,
@@ -534,6 +540,9 @@ fn poll_once(
         started.elapsed(),
         flush,
     );
+    if cfg.quiet {
+        return Ok(());
+    }
     let out = if cfg.json {
         let mut obj =
             summary::poll_json(&result.poll, &names, &Clock::now(), now_ns, &agent.timeouts);

@@ -419,7 +419,13 @@ impl Agent {
 
     /// Starts `flowmon run ARGS` in `ns` and waits until it answers queries.
     pub fn start(ns: &str, args: &[&str]) -> Self {
-        let mut cmd = vec![env!("CARGO_BIN_EXE_flowmon"), "run"];
+        Self::start_under(ns, &[], args)
+    }
+
+    /// The same, started through `wrapper` (e.g. setpriv and its options).
+    pub fn start_under(ns: &str, wrapper: &[&str], args: &[&str]) -> Self {
+        let mut cmd = wrapper.to_vec();
+        cmd.extend([env!("CARGO_BIN_EXE_flowmon"), "run"]);
         cmd.extend_from_slice(args);
         let (child, mut err, banner) = spawn_until(ns, &cmd, "answering queries");
         // Keep draining stderr so the agent never blocks on a full pipe.
