@@ -182,16 +182,8 @@ fn run_json_counts_a_connection_and_detaches_on_exit() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn missing_privilege_names_the_capabilities() {
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            BIN,
-            "run",
-            "--iface",
-            "lo",
-        ])
+        .args(common::AS_NOBODY)
+        .args([BIN, "run", "--iface", "lo"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -264,25 +256,16 @@ fn runs_with_only_the_service_units_capabilities() {
     let pair = Pair::new();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock").to_string_lossy().into_owned();
-    let agent = common::Agent::start_under(
-        &pair.clt_ns,
+    let agent = common::Agent::quick_under(
+        &pair,
         &[
             "setpriv",
             "--bounding-set=-all,+bpf,+net_admin,+perfmon",
             "--inh-caps=-all",
             "--no-new-privs",
         ],
-        &[
-            "--iface",
-            &pair.clt_if,
-            "--interval",
-            "100ms",
-            "--linger",
-            "200ms",
-            "--socket",
-            &sock,
-            "--no-history",
-        ],
+        &sock,
+        &["--no-history"],
     );
     let status = common::rows(&common::flowmon(&["status", "--socket", &sock, "--json"]));
     assert_eq!(status[0]["capabilities"], serde_json::json!([]));

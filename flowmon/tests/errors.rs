@@ -215,13 +215,8 @@ fn an_unprivileged_user_is_told_what_is_missing() {
     let nobody = |args: &[&str]| {
         fails_as(
             Command::new("setpriv")
-                .args([
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    "--inh-caps=-all",
-                    BIN,
-                ])
+                .args(common::AS_NOBODY)
+                .arg(BIN)
                 .args(args),
         )
     };

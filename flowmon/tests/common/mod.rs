@@ -403,6 +403,11 @@ impl Agent {
     /// An agent on the pair's client side polling every 100 ms with a 200 ms
     /// linger (so tests see closes quickly), API on `sock`, plus `extra`.
     pub fn quick(pair: &Pair, sock: &str, extra: &[&str]) -> Self {
+        Self::quick_under(pair, &[], sock, extra)
+    }
+
+    /// The same, started through `wrapper` (e.g. setpriv and its options).
+    pub fn quick_under(pair: &Pair, wrapper: &[&str], sock: &str, extra: &[&str]) -> Self {
         let mut args = vec![
             "--iface",
             &pair.clt_if,
@@ -414,7 +419,7 @@ impl Agent {
             sock,
         ];
         args.extend_from_slice(extra);
-        Self::start(&pair.clt_ns, &args)
+        Self::start_under(&pair.clt_ns, wrapper, &args)
     }
 
     /// Starts `flowmon run ARGS` in `ns` and waits until it answers queries.
@@ -463,6 +468,14 @@ impl Drop for Agent {
         }
     }
 }
+
+/// setpriv options that run a command as nobody, with no capabilities.
+pub const AS_NOBODY: [&str; 4] = [
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+];
 
 /// Runs the flowmon binary to completion.
 pub fn flowmon(args: &[&str]) -> std::process::Output {
