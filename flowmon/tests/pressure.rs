@@ -49,19 +49,6 @@ fn n(r: &Value, k: &str) -> u64 {
     r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"))
 }
 
-/// The capability sets of process `pid`, as hex masks.
-fn capability_masks(pid: u32) -> Vec<(String, u64)> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .filter(|l| l.starts_with("Cap"))
-        .map(|l| {
-            let (k, v) = l.split_once(':').unwrap();
-            (k.to_string(), u64::from_str_radix(v.trim(), 16).unwrap())
-        })
-        .collect()
-}
-
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_full_table_evicts_reports_and_never_hurts_traffic() {
@@ -91,7 +78,7 @@ fn a_full_table_evicts_reports_and_never_hurts_traffic() {
     let st = status(&sock);
     assert_eq!(st["capabilities"], serde_json::json!([]));
     assert_eq!(st["table"]["capacity"], 512);
-    for (set, mask) in capability_masks(agent.child.id()) {
+    for (set, mask) in common::capability_masks(agent.child.id()) {
         assert_eq!(mask, 0, "{set} of the running agent");
     }
 

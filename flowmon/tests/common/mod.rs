@@ -693,3 +693,16 @@ pub fn traces() -> Vec<(PathBuf, String)> {
     assert_eq!(out.len(), 14, "the 14 Zeek traces");
     out
 }
+
+/// The capability sets of process `pid`, as hex masks.
+pub fn capability_masks(pid: u32) -> Vec<(String, u64)> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("Cap"))
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.to_string(), u64::from_str_radix(v.trim(), 16).unwrap())
+        })
+        .collect()
+}
