@@ -9,6 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "perf/live.rs"]
+mod live;
+
 use aya::programs::TestRunOptions;
 use flowmon::{
     agent::{Agent, monotonic_ns},
@@ -273,9 +276,15 @@ fn main() {
             .unwrap_or_default()
             .trim()
     );
+    if args.iter().any(|a| a == "--live-only") {
+        live::live(20_000, &[50_000, 0]);
+        return;
+    }
     kernel_cost(sizes, repeat);
     agent_cost_and_memory(agent_sizes);
-    println!(
-        "\n## 4. Live traffic against a libpcap peer\n\nNot measured yet: see docs/performance.md."
-    );
+    if quick {
+        live::live(20_000, &[50_000, 0]);
+    } else {
+        live::live(50_000, &[50_000, 100_000, 200_000, 0]);
+    }
 }

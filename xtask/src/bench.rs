@@ -19,7 +19,8 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             "the benchmarks load eBPF programs and need root (CAP_BPF, CAP_PERFMON): run as root"
         );
     }
-    setup::run(&setup::Options { no_packages: true })?;
+    setup::run(&setup::Options { no_packages: false })?;
+    setup::install(setup::BENCH_PACKAGES)?;
     let mut cmd = Command::new("cargo");
     cmd.args(["bench", "--package", "flowmon", "--bench", "perf", "--"])
         .current_dir(util::root());

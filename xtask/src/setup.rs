@@ -111,8 +111,16 @@ pub fn cargo_fuzz() -> anyhow::Result<()> {
     ]))
 }
 
+/// What `cargo xtask bench` adds: the traffic source of its live section.
+pub const BENCH_PACKAGES: &[&str] = &["tcpreplay"];
+
 fn packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    install(PACKAGES)
+}
+
+/// Installs the Debian packages of `list` that are missing (root only).
+pub fn install(list: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = list
         .iter()
         .copied()
         .filter(|p| {

@@ -1,0 +1,442 @@
+//! Section 4: live traffic. A capture of synthetic connections is replayed by
+//! tcpreplay at increasing rates over a veth pair between two namespaces;
+//! on the receiving side, in turn, nothing (the baseline), flowmon, and the
+//! libpcap-based peer tcpdump watch the interface. For each:
+//! packets (and, for flowmon, SYN/FIN/RST) counted against what was sent, and
+//! the CPU the whole machine spent beyond the baseline run, per million
+//! packets. flowmon's kernel programs run in softirq context, where no
+//! process is charged, which is why the whole machine's CPU is compared.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use flowmon_common::{
+    count::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    craft::Frame,
+};
+
+const CLT_NS: &str = "fmbench-c";
+const SRV_NS: &str = "fmbench-s";
+const CLT_IF: &str = "fmbc";
+const SRV_IF: &str = "fmbs";
+
+/// What the capture holds.
+struct Sent {
+    packets: u64,
+    syn: u64,
+    fin: u64,
+    rst: u64,
+}
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
+    assert!(st.success(), "{args:?}");
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(args);
+    c
+}
+
+/// Two namespaces joined by a veth pair; removed on drop.
+struct Net;
+
+impl Net {
+    fn new() -> Self {
+        for ns in [CLT_NS, SRV_NS] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            sh(&["ip", "netns", "add", ns]);
+        }
+        sh(&[
+            "ip", "link", "add", CLT_IF, "netns", CLT_NS, "type", "veth", "peer", "name", SRV_IF,
+            "netns", SRV_NS,
+        ]);
+        for (ns, i) in [(CLT_NS, CLT_IF), (SRV_NS, SRV_IF)] {
+            sh(&["ip", "-n", ns, "link", "set", i, "up"]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        Net
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in [CLT_NS, SRV_NS] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// `conns` connections, interleaved 64 at a time so the table holds many at
+/// once: four in five close with FIN both ways (8 packets), one in five is
+/// reset by the client after its data (5 packets). Addressed to a MAC and
+/// network nobody has, so the receiving stack drops them after the monitors
+/// have seen them and sends nothing back.
+fn write_capture(path: &Path, conns: u32) -> Sent {
+    use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = PcapWriter::with_header(file, PcapHeader::default()).unwrap();
+    let mut sent = Sent {
+        packets: 0,
+        syn: 0,
+        fin: 0,
+        rst: 0,
+    };
+    let srv: IpAddr = "10.253.0.1".parse().unwrap();
+    let mut t = 0u64;
+    for block in (0..conns).collect::<Vec<_>>().chunks(64) {
+        let script = |i: u32| -> Vec<(bool, u8, usize)> {
+            let mut s = vec![
+                (true, TCP_SYN, 0),
+                (false, TCP_SYN | TCP_ACK, 0),
+                (true, TCP_ACK, 0),
+                (true, TCP_ACK, 100),
+            ];
+            if i % 5 == 4 {
+                s.push((true, TCP_RST, 0));
+            } else {
+                s.extend([
+                    (false, TCP_ACK, 0),
+                    (true, TCP_FIN | TCP_ACK, 0),
+                    (false, TCP_FIN | TCP_ACK, 0),
+                    (true, TCP_ACK, 0),
+                ]);
+            }
+            s
+        };
+        for step in 0..8 {
+            for &i in block {
+                let Some(&(from_client, flags, payload)) = script(i).get(step) else {
+                    continue;
+                };
+                let clt: IpAddr = format!("10.254.{}.{}", i / 250 % 250, i % 250 + 1)
+                    .parse()
+                    .unwrap();
+                let port = 1024 + (i / 62_500) as u16;
+                let mut f = if from_client {
+                    Frame::tcp(clt, port, srv, 80, flags)
+                } else {
+                    Frame::tcp(srv, 80, clt, port, flags)
+                }
+                .payload(payload)
+                .build();
+                f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+                t += 1000;
+                w.write_packet(&PcapPacket::new(
+                    Duration::from_nanos(t),
+                    f.len() as u32,
+                    &f,
+                ))
+                .unwrap();
+                sent.packets += 1;
+                sent.syn += u64::from(flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
+                sent.fin += u64::from(flags & TCP_FIN != 0);
+                sent.rst += u64::from(flags & TCP_RST != 0);
+            }
+        }
+    }
+    sent
+}
+
+/// Busy and total jiffies (USER_HZ, 100 a second) of the whole machine
+/// (/proc/stat "cpu").
+fn cpu_jiffies() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap();
+    let v: Vec<u64> = s
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let idle = v[3] + v[4];
+    (v.iter().sum::<u64>() - idle, v.iter().sum())
+}
+
+/// Replays `pcap` at `pps` (0: as fast as tcpreplay can) and returns
+/// (packets sent, rate achieved).
+fn replay(pcap: &Path, pps: u32) -> (u64, f64) {
+    let mut args = vec!["tcpreplay".to_string(), format!("--intf1={CLT_IF}")];
+    if pps == 0 {
+        args.push("--topspeed".into());
+    } else {
+        args.push(format!("--pps={pps}"));
+    }
+    args.push(pcap.to_string_lossy().into_owned());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = in_ns(CLT_NS, &argv).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "tcpreplay: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Successful packets:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let rate = text
+        .lines()
+        .find(|l| l.contains("Rated:"))
+        .and_then(|l| l.split(',').find(|p| p.contains("pps")))
+        .and_then(|p| p.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    (sent, rate)
+}
+
+/// One monitor under test.
+#[derive(Clone, Copy, PartialEq)]
+enum Monitor {
+    None,
+    Flowmon,
+    FlowmonGeneric,
+    Tcpdump,
+}
+
+impl Monitor {
+    fn name(self) -> &'static str {
+        match self {
+            Monitor::None => "nothing (baseline)",
+            Monitor::Flowmon => "flowmon (XDP native)",
+            Monitor::FlowmonGeneric => "flowmon (XDP generic)",
+            Monitor::Tcpdump => "tcpdump -w /dev/null (libpcap)",
+        }
+    }
+}
+
+/// A monitor running on the receiving interface.
+struct Running {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+fn start(m: Monitor, dir: &Path) -> Running {
+    let s = |p: &str| dir.join(p).to_string_lossy().into_owned();
+    let child = match m {
+        Monitor::None => None,
+        Monitor::Flowmon | Monitor::FlowmonGeneric => {
+            let c = in_ns(
+                SRV_NS,
+                &[
+                    env!("CARGO_BIN_EXE_flowmon"),
+                    "run",
+                    "--xdp-mode",
+                    if m == Monitor::Flowmon {
+                        "native"
+                    } else {
+                        "generic"
+                    },
+                    "--iface",
+                    SRV_IF,
+                    "--quiet",
+                    "--no-history",
+                    "--max-flows",
+                    "1048576",
+                    "--socket",
+                    &s("api.sock"),
+                ],
+            )
+            .stderr(log(dir, "flowmon"))
+            .spawn()
+            .unwrap();
+            wait_for_line(dir, "flowmon", "answering queries");
+            Some(c)
+        }
+        Monitor::Tcpdump => {
+            let c = in_ns(
+                SRV_NS,
+                &[
+                    "tcpdump",
+                    "-i",
+                    SRV_IF,
+                    "-n",
+                    "-s",
+                    "128",
+                    "-w",
+                    "/dev/null",
+                    "tcp",
+                ],
+            )
+            .stderr(log(dir, "tcpdump"))
+            .spawn()
+            .unwrap();
+            wait_for_line(dir, "tcpdump", "listening on");
+            Some(c)
+        }
+    };
+    Running {
+        child,
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// A fresh log file for `name`'s stderr.
+fn log(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::File::create(dir.join(format!("{name}.log"))).unwrap()
+}
+
+fn read_log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// Waits until `name`'s log says `marker`.
+fn wait_for_line(dir: &Path, name: &str, marker: &str) {
+    for _ in 0..300 {
+        if read_log(dir, name).contains(marker) {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{name} did not say {marker:?}: {}", read_log(dir, name));
+}
+
+/// What a monitor counted: packets, and SYN/FIN/RST where it counts them.
+fn counted(m: Monitor, r: &mut Running) -> (u64, Option<(u64, u64, u64)>) {
+    let sock = r.dir.join("api.sock").to_string_lossy().into_owned();
+    match m {
+        Monitor::None => (0, None),
+        Monitor::Flowmon | Monitor::FlowmonGeneric => {
+            // The counters and every connection (finished and open).
+            let bin = env!("CARGO_BIN_EXE_flowmon");
+            let st = Command::new(bin)
+                .args(["status", "--socket", &sock, "--json"])
+                .output()
+                .unwrap();
+            let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+            let flows = Command::new(bin)
+                .args(["flows", "--socket", &sock, "--json"])
+                .output()
+                .unwrap();
+            let (mut syn, mut fin, mut rst) = (0, 0, 0);
+            for line in String::from_utf8_lossy(&flows.stdout).lines() {
+                let r: serde_json::Value = serde_json::from_str(line).unwrap();
+                let n = |k: &str| r[k].as_u64().unwrap_or(0);
+                syn += n("syn.count");
+                fin += n("fin.count");
+                rst += n("rst.count");
+            }
+            (
+                st["kernel"]["tcp"].as_u64().unwrap_or(0),
+                Some((syn, fin, rst)),
+            )
+        }
+        Monitor::Tcpdump => {
+            // tcpdump prints its statistics when interrupted.
+            let mut c = r.child.take().unwrap();
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+            c.wait().unwrap();
+            let text = read_log(&r.dir, "tcpdump");
+            let stat = |what: &str| {
+                text.lines()
+                    .find(|l| l.ends_with(what))
+                    .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            (stat("packets captured"), None)
+        }
+    }
+}
+
+/// User and system CPU seconds of process `pid` so far.
+fn process_cpu(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th and stime the 13th, in USER_HZ ticks.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.get(10)
+        .zip(f.get(11))
+        .map_or(0.0, |(u, s)| (u + s) as f64 / 100.0)
+}
+
+fn stop(mut r: Running) {
+    if let Some(c) = r.child.as_mut() {
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = c.wait();
+    }
+}
+
+pub fn live(conns: u32, rates: &[u32]) {
+    println!("\n## 4. Live traffic against libpcap peers (tcpreplay over a veth pair)\n");
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("synthetic.pcap");
+    let sent = write_capture(&pcap, conns);
+    println!(
+        "{conns} connections, {} packets per replay: SYN {}, FIN {}, RST {}.\n",
+        sent.packets, sent.syn, sent.fin, sent.rst
+    );
+    println!(
+        "| rate asked (pps) | monitor | rate achieved (pps) | packets counted / sent | SYN, FIN, RST counted / sent | CPU s per Mpkt beyond baseline (whole machine) | of which its process |"
+    );
+    println!("|---:|---|---:|---|---|---:|---:|");
+    for &pps in rates {
+        let mut baseline = 0.0;
+        for m in [
+            Monitor::None,
+            Monitor::Flowmon,
+            Monitor::FlowmonGeneric,
+            Monitor::Tcpdump,
+        ] {
+            let mut r = start(m, dir.path());
+            let pid = r.child.as_ref().map(Child::id);
+            let cpu0 = pid.map_or(0.0, process_cpu);
+            let before = cpu_jiffies();
+            let (n, rate) = replay(&pcap, pps);
+            // The same settling time for every monitor: flowmon's agent
+            // polls the last connections in it. Measured before the counts
+            // are read, since reading them (a query) costs CPU too.
+            thread::sleep(Duration::from_millis(1500));
+            let busy = (cpu_jiffies().0 - before.0) as f64 / 100.0;
+            let own = pid.map_or(0.0, process_cpu) - cpu0;
+            let (got, flags) = counted(m, &mut r);
+            stop(r);
+            let mpkt = n as f64 / 1e6;
+            if m == Monitor::None {
+                baseline = busy;
+            }
+            let extra = if m == Monitor::None {
+                "-".to_string()
+            } else {
+                format!("{:.2}", (busy - baseline).max(0.0) / mpkt)
+            };
+            let own = if m == Monitor::None {
+                "-".to_string()
+            } else {
+                format!("{:.2}", own / mpkt)
+            };
+            println!(
+                "| {} | {} | {rate:.0} | {} | {} | {extra} | {own} |",
+                if pps == 0 {
+                    "max".into()
+                } else {
+                    pps.to_string()
+                },
+                m.name(),
+                if m == Monitor::None {
+                    "-".into()
+                } else {
+                    format!("{got} / {n}")
+                },
+                flags.map_or("-".into(), |(s, f, x)| format!(
+                    "{s}, {f}, {x} / {}, {}, {}",
+                    sent.syn, sent.fin, sent.rst
+                )),
+            );
+        }
+    }
+    drop(net);
+}
