@@ -276,6 +276,11 @@ fn main() {
             .unwrap_or_default()
             .trim()
     );
+    // One section alone, for profiling it.
+    if args.iter().any(|a| a == "--agent-only") {
+        agent_cost_and_memory(agent_sizes);
+        return;
+    }
     if args.iter().any(|a| a == "--live-only") {
         live::live(20_000, &[50_000, 0]);
         return;

@@ -50,7 +50,10 @@ struct Net;
 impl Net {
     fn new() -> Self {
         for ns in [CLT_NS, SRV_NS] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
             sh(&["ip", "netns", "add", ns]);
         }
         sh(&[
