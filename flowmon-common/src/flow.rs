@@ -99,7 +99,9 @@ pub struct DirStats {
     pub rst: u32,
     /// Segments carrying TCP payload.
     pub data_packets: u32,
-    pub _pad: u32,
+    /// The poll epoch ([`Config::epoch`]) in which this connection was
+    /// last announced on the DIRTY ring (kept in `dir[0]`; 0 in `dir[1]`).
+    pub epoch: u32,
     pub first_ns: u64,
     pub last_ns: u64,
     pub first_syn_ns: u64,
@@ -146,6 +148,7 @@ impl FlowValue {
             a.first_rst_ns = first(a.first_rst_ns, b.first_rst_ns);
             a.first_data_ns = first(a.first_data_ns, b.first_data_ns);
             a.first_ack_ns = first(a.first_ack_ns, b.first_ack_ns);
+            a.epoch = a.epoch.max(b.epoch);
             d += 1;
         }
     }
@@ -162,6 +165,11 @@ pub struct RetiredFlow {
     pub value: FlowValue,
 }
 const _: () = assert!(core::mem::size_of::<RetiredFlow>() == 256);
+
+/// Bytes of the DIRTY ring buffer: 4 MiB, about 80,000 keys (44 bytes plus
+/// an 8-byte record header, rounded to 8) changed per poll before the agent
+/// falls back to reading the whole table.
+pub const DIRTY_RING_BYTES: u32 = 4 << 20;
 
 /// Bytes of the CLOSED ring buffer: 4096 retired connections.
 pub const CLOSED_RING_BYTES: u32 = 4096 * 264;
@@ -180,7 +188,10 @@ pub struct Config {
     pub clock_override_ns: u64,
     /// Bit 0: kernel-side debug logging through aya-log.
     pub flags: u32,
-    pub _pad: u32,
+    /// The agent's poll epoch, 0 when it reads the whole table every
+    /// poll. Otherwise a connection's first packet in each epoch puts
+    /// its key on the DIRTY ring, so the agent reads only what changed.
+    pub epoch: u32,
     /// Entries the agent has removed from the flow table since the table was
     /// created. The programs never read it: it lives here so that with a
     /// pinned table it survives agent restarts, and evictions (created minus

@@ -22,8 +22,11 @@ pub const STAT_SPLIT_FAILED: u32 = 7;
 /// Connections retired to the CLOSED ring buffer because a new one started on
 /// their tuple.
 pub const STAT_RETIRED: u32 = 8;
+/// Changed connections the DIRTY ring had no room for: the agent then reads
+/// the whole table.
+pub const STAT_DIRTY_LOST: u32 = 9;
 /// Number of slots in the STATS map.
-pub const STAT_COUNT: u32 = 9;
+pub const STAT_COUNT: u32 = 10;
 
 /// Human-readable names, indexed like the constants above.
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -36,4 +39,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "insert_failed",
     "split_failed",
     "retired",
+    "dirty_lost",
 ];

@@ -19,13 +19,13 @@ use aya_log_ebpf::debug;
 use flowmon_common::{
     count::{record, starts_new_connection},
     flow::{
-        CLOSED_RING_BYTES, CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue,
-        RetiredFlow,
+        CLOSED_RING_BYTES, CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, DIRTY_RING_BYTES, FlowKey,
+        FlowValue, RetiredFlow,
     },
     parse::{MAX_HEADER_OFFSET, PacketBytes, Parsed, TcpSegment, parse_ethernet},
     stats::{
-        STAT_COUNT, STAT_FLOWS_CREATED, STAT_FRAGMENTS, STAT_INSERT_FAILED, STAT_MALFORMED,
-        STAT_NON_TCP, STAT_PACKETS, STAT_RETIRED, STAT_SPLIT_FAILED, STAT_TCP,
+        STAT_COUNT, STAT_DIRTY_LOST, STAT_FLOWS_CREATED, STAT_FRAGMENTS, STAT_INSERT_FAILED,
+        STAT_MALFORMED, STAT_NON_TCP, STAT_PACKETS, STAT_RETIRED, STAT_SPLIT_FAILED, STAT_TCP,
     },
 };
 
@@ -42,6 +42,11 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 /// Connections retired because a new one started on their tuple.
 #[map]
 static CLOSED: RingBuf = RingBuf::with_byte_size(CLOSED_RING_BYTES, 0);
+
+/// Keys of connections that saw packets since the agent's last poll (one per
+/// connection per poll epoch), when the agent reads incrementally.
+#[map]
+static DIRTY: RingBuf = RingBuf::with_byte_size(DIRTY_RING_BYTES, 0);
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -156,6 +161,9 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
     // Safety: `value` points into the map element, valid during this program
     // run; concurrent writers go through `record`'s atomics as well.
     unsafe { record(value, seg, packets, ip_bytes, now) };
+    if cfg.epoch != 0 {
+        announce(value, &seg.key, cfg.epoch);
+    }
     if cfg.flags & CONFIG_FLAG_LOG != 0 {
         debug!(
             ctx,
@@ -166,6 +174,27 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
             seg.key.port_a,
             seg.key.port_b
         );
+    }
+}
+
+/// Puts `key` on the DIRTY ring once per poll epoch. The epoch
+/// check and store race with another CPU's packet of the same connection;
+/// the worst outcome is the key twice on the ring, which the agent dedups.
+#[inline(always)]
+fn announce(value: *mut FlowValue, key: &FlowKey, epoch: u32) {
+    // Safety: `value` points into the map element, valid during this run.
+    let g = unsafe { &raw mut (*value).dir[0].epoch };
+    // Safety: as above; a plain aligned u32.
+    if unsafe { g.read_volatile() } == epoch {
+        return;
+    }
+    unsafe { g.write_volatile(epoch) };
+    match DIRTY.reserve::<FlowKey>(0) {
+        Some(mut slot) => {
+            slot.write(*key);
+            slot.submit(0);
+        }
+        None => bump(STAT_DIRTY_LOST),
     }
 }
 

@@ -22,7 +22,11 @@ use std::{
     time::Duration,
 };
 
-use flowmon_common::flow::{FlowKey, FlowValue};
+use flowmon_common::{
+    flow::{FlowKey, FlowValue},
+    stats::{STAT_COUNT, STAT_DIRTY_LOST},
+};
+use rustc_hash::FxHashSet;
 
 use crate::{
     close::{Close, Timeouts},
@@ -75,7 +79,30 @@ pub struct Agent {
     pub evicted_reported: u64,
     /// Connections reported since this agent started, evicted ones included.
     pub reported: u64,
+    /// Past this many connections the agent stops reading the whole table
+    /// every poll (see [`Agent::read`]).
+    pub full_scan_limit: usize,
+    /// In incremental mode, polls per sweep of the whole table: timeouts
+    /// (unanswered, half-closed, idle) are seen at most this many polls late.
+    pub sweep_polls: u32,
+    /// Where the sweep goes on next poll.
+    cursor: Option<u64>,
+    /// Connections in a final class waiting out their linger.
+    closing: FxHashSet<FlowKey>,
+    /// The kernel's count of announcements it had no room for, as last seen.
+    dirty_lost: u64,
 }
+
+/// What one poll read.
+struct Read {
+    entries: Vec<(FlowKey, FlowValue)>,
+    /// `None`: the whole table; `Some(cycle_done)`: part of it, and whether
+    /// the sweep got round the table with this poll.
+    part: Option<bool>,
+}
+
+/// Connections in the table past which the agent reads incrementally.
+pub const FULL_SCAN_LIMIT: usize = 65_536;
 
 impl Agent {
     pub fn new(kernel: Kernel, timeouts: Timeouts) -> Self {
@@ -89,6 +116,11 @@ impl Agent {
             kept: Vec::new(),
             evicted_reported: 0,
             reported: 0,
+            full_scan_limit: FULL_SCAN_LIMIT,
+            sweep_polls: 30,
+            cursor: None,
+            closing: FxHashSet::default(),
+            dirty_lost: 0,
         }
     }
 
@@ -109,8 +141,9 @@ impl Agent {
         // poll, never overcounted, and a monotonic counter stays exact.
         let totals = self.kernel.stats()?;
         let mut ended: Vec<(FlowKey, FlowValue)> = self.kernel.drain_retired()?;
+        let read = self.read(&totals, flush)?;
         let mut live = Vec::new();
-        for (k, v) in self.kernel.flows()? {
+        for (k, v) in read.entries {
             let conn = Conn::new(k, v);
             let (close, _) = conn.classify(now_ns, &self.timeouts);
             let silent = Duration::from_nanos(now_ns.saturating_sub(conn.last_ns()));
@@ -119,6 +152,11 @@ impl Agent {
                     ended.push((k, latest));
                 }
             } else {
+                if close.is_final() {
+                    // Due once the linger passes, packets or not: read it
+                    // again next poll.
+                    self.closing.insert(k);
+                }
                 live.push((k, v));
             }
         }
@@ -131,15 +169,27 @@ impl Agent {
             .map(|a| a.iface.clone())
             .collect();
         let kept = std::mem::take(&mut self.kept);
-        let poll = self.tracker.poll(
-            &live,
-            &ended,
-            &kept,
-            totals,
-            ifaces,
-            unix_ms,
-            self.kernel.agent_removed(),
-        );
+        let poll = match read.part {
+            None => self.tracker.poll(
+                &live,
+                &ended,
+                &kept,
+                totals,
+                ifaces,
+                unix_ms,
+                self.kernel.agent_removed(),
+            ),
+            Some(cycle_done) => self.tracker.poll_part(
+                &live,
+                &ended,
+                cycle_done,
+                totals,
+                ifaces,
+                unix_ms,
+                self.kernel.agent_removed(),
+            ),
+        };
+        self.choose_mode()?;
         let mut closed = record::build(ended, names, now_ns, &self.timeouts, clock.offset_ns);
         let evicted = record::build(
             poll.vanished.clone(),
@@ -157,6 +207,70 @@ impl Agent {
             self.recent.pop_front();
         }
         Ok(PollResult { poll, closed, live })
+    }
+
+    /// What this poll reads: the whole table, or (in incremental mode) the
+    /// connections announced on the DIRTY ring since the last poll, those
+    /// waiting out their linger, and the next slice of the sweep.
+    fn read(
+        &mut self,
+        totals: &[u64; STAT_COUNT as usize],
+        flush: bool,
+    ) -> Result<Read, KernelError> {
+        let lost = totals[STAT_DIRTY_LOST as usize];
+        let overflowed = lost > self.dirty_lost;
+        self.dirty_lost = lost;
+        if self.kernel.epoch() == 0 || flush || overflowed {
+            if self.kernel.epoch() != 0 {
+                // Announcements of this epoch are covered by the whole read.
+                self.kernel.set_epoch(self.kernel.epoch().wrapping_add(1).max(1))?;
+                self.kernel.drain_dirty();
+            }
+            self.closing.clear();
+            self.cursor = None;
+            return Ok(Read {
+                entries: self.kernel.flows()?,
+                part: None,
+            });
+        }
+        // A new epoch first: a packet from here on announces its connection
+        // for the next poll, so none falls between two drains.
+        self.kernel
+            .set_epoch(self.kernel.epoch().wrapping_add(1).max(1))?;
+        let mut keys: FxHashSet<FlowKey> = self.kernel.drain_dirty().into_iter().collect();
+        keys.extend(self.closing.drain());
+        let slice = (self.tracker.tracked() / self.sweep_polls.max(1) as usize).max(4096);
+        let (mut entries, next) = self.kernel.flows_from(self.cursor, slice)?;
+        self.cursor = next;
+        for (k, _) in &entries {
+            keys.remove(k);
+        }
+        for k in keys {
+            if let Some(v) = self.kernel.lookup_flow(&k)? {
+                entries.push((k, v));
+            }
+        }
+        Ok(Read {
+            entries,
+            part: Some(next.is_none()),
+        })
+    }
+
+    /// Reads incrementally past `full_scan_limit` tracked connections and
+    /// the whole table again below half of it (the gap keeps a table near
+    /// the limit from switching every poll).
+    fn choose_mode(&mut self) -> Result<(), KernelError> {
+        let tracked = self.tracker.tracked();
+        if self.kernel.epoch() == 0 && tracked > self.full_scan_limit {
+            // This poll read everything: announcements start from here.
+            self.kernel.set_epoch(1)?;
+            self.cursor = None;
+        } else if self.kernel.epoch() != 0 && tracked <= self.full_scan_limit / 2 {
+            self.kernel.set_epoch(0)?;
+            self.kernel.drain_dirty();
+            self.closing.clear();
+        }
+        Ok(())
     }
 
     /// The recently finished connections, oldest first.

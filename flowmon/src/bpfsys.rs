@@ -110,12 +110,34 @@ struct BatchAttr {
 /// when their bucket is copied; none is read twice.
 pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
-    mut chunk: usize,
+    chunk: usize,
 ) -> io::Result<Vec<(K, V)>> {
+    let mut cursor = None;
     let mut out = Vec::new();
-    // Hash maps use a u32 bucket cursor; 8 bytes leave room for any map type.
-    let mut cursor = [0u64; 2];
-    let mut started = false;
+    loop {
+        let (part, next) = lookup_batch_from(map, cursor, chunk, usize::MAX)?;
+        out.extend(part);
+        match next {
+            Some(c) => cursor = Some(c),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Reads at least `want` entries (or to the end) in batches of `chunk`,
+/// starting at `cursor` (`None`: the first bucket). Returns them and the
+/// cursor to continue from, `None` once the end of the table was reached.
+/// The cursor is a bucket position: entries added or removed between calls
+/// do not invalidate it.
+pub fn lookup_batch_from<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    cursor: Option<u64>,
+    mut chunk: usize,
+    want: usize,
+) -> io::Result<(Vec<(K, V)>, Option<u64>)> {
+    let mut out = Vec::new();
+    let mut cursor = [cursor.unwrap_or(0), 0u64];
+    let mut started = cursor[0] != 0;
     // Reused across calls; the kernel writes them, nothing reads them unwritten.
     let mut keys: Vec<MaybeUninit<K>> = Vec::new();
     let mut values: Vec<MaybeUninit<V>> = Vec::new();
@@ -161,10 +183,13 @@ pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
         out.extend((0..n).map(|i| unsafe { (keys[i].assume_init(), values[i].assume_init()) }));
         match err {
             None => {}
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok((out, None)),
             Some(e) => return Err(e),
         }
         cursor[0] = cursor[1];
         started = true;
+        if out.len() >= want {
+            return Ok((out, Some(cursor[0])));
+        }
     }
 }

@@ -35,6 +35,7 @@ const FLOWS_MAP: &str = "FLOWS";
 const STATS_MAP: &str = "STATS";
 const CONFIG_MAP: &str = "CONFIG";
 const CLOSED_MAP: &str = "CLOSED";
+const DIRTY_MAP: &str = "DIRTY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -137,7 +138,7 @@ impl Default for LoadOptions {
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowmon";
 
 /// The maps that carry state across agents (the rest are per-program scratch).
-const PINNED_MAPS: [&str; 4] = [FLOWS_MAP, STATS_MAP, CLOSED_MAP, CONFIG_MAP];
+const PINNED_MAPS: [&str; 5] = [FLOWS_MAP, STATS_MAP, CLOSED_MAP, CONFIG_MAP, DIRTY_MAP];
 
 /// Where and how the programs were attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,6 +153,7 @@ pub struct Attached {
 pub struct Kernel {
     ebpf: Ebpf,
     closed: RingBuf<MapData>,
+    dirty: RingBuf<MapData>,
     config: Config,
     attached: Vec<Attached>,
     pin: Option<PathBuf>,
@@ -209,9 +211,14 @@ impl Kernel {
             .take_map(CLOSED_MAP)
             .and_then(|m| RingBuf::try_from(m).ok())
             .ok_or(KernelError::MapMissing { map: CLOSED_MAP })?;
+        let dirty = ebpf
+            .take_map(DIRTY_MAP)
+            .and_then(|m| RingBuf::try_from(m).ok())
+            .ok_or(KernelError::MapMissing { map: DIRTY_MAP })?;
         let mut kernel = Self {
             ebpf,
             closed,
+            dirty,
             config: Config::default(),
             attached: Vec::new(),
             pin: opts.pin.clone(),
@@ -222,6 +229,8 @@ impl Kernel {
             // Keep what the earlier agent recorded (its removals).
             kernel.config = kernel.read_config()?;
             kernel.config.flags &= !CONFIG_FLAG_LOG;
+            // This agent starts by reading the whole table.
+            kernel.config.epoch = 0;
         }
         if opts.kernel_log {
             kernel.config.flags |= CONFIG_FLAG_LOG;
@@ -618,6 +627,76 @@ impl Kernel {
                 }
             }
         }
+    }
+
+    /// The poll epoch the programs mark changed connections with (0:
+    /// none, the agent reads the whole table).
+    pub fn epoch(&self) -> u32 {
+        self.config.epoch
+    }
+
+    pub fn set_epoch(&mut self, epoch: u32) -> Result<(), KernelError> {
+        if self.config.epoch == epoch {
+            return Ok(());
+        }
+        self.config.epoch = epoch;
+        self.write_config()
+    }
+
+    /// Keys of the connections that saw packets since the epoch
+    /// changed, possibly repeated.
+    pub fn drain_dirty(&mut self) -> Vec<FlowKey> {
+        let mut out = Vec::new();
+        while let Some(item) = self.dirty.next() {
+            if item.len() < std::mem::size_of::<FlowKey>() {
+                continue;
+            }
+            // Safety: the programs write whole FlowKey records, a plain
+            // repr(C) type valid for any bytes; read unaligned from the item.
+            out.push(unsafe { item.as_ptr().cast::<FlowKey>().read_unaligned() });
+        }
+        out
+    }
+
+    /// One entry, if present.
+    pub fn lookup_flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, KernelError> {
+        let map = self
+            .ebpf
+            .map(FLOWS_MAP)
+            .ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
+        let table: HashMap<&MapData, FlowKey, FlowValue> =
+            HashMap::try_from(map).map_err(|source| KernelError::Map {
+                map: FLOWS_MAP,
+                source,
+            })?;
+        match table.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(KernelError::Map {
+                map: FLOWS_MAP,
+                source,
+            }),
+        }
+    }
+
+    /// At least `want` entries from bucket position `cursor` on (see
+    /// [`crate::bpfsys::lookup_batch_from`]), and where to continue; `None`
+    /// when the end of the table was reached.
+    #[allow(clippy::type_complexity)]
+    pub fn flows_from(
+        &self,
+        cursor: Option<u64>,
+        want: usize,
+    ) -> Result<(Vec<(FlowKey, FlowValue)>, Option<u64>), KernelError> {
+        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else {
+            return Err(KernelError::MapMissing { map: FLOWS_MAP });
+        };
+        crate::bpfsys::lookup_batch_from(std::os::fd::AsFd::as_fd(data.fd()), cursor, 4096, want)
+            .map_err(|source| KernelError::Syscall {
+                call: "BPF_MAP_LOOKUP_BATCH",
+                map: FLOWS_MAP,
+                source,
+            })
     }
 
     /// Connections the programs retired because a new connection started on

@@ -83,6 +83,8 @@ struct Digest {
     /// CLOCK_MONOTONIC seconds of the first and last packet.
     first_s: u32,
     last_s: u32,
+    /// The sweep cycle ([`Tracker::poll_part`]) in which it was last read.
+    seen: u32,
 }
 
 impl Digest {
@@ -107,6 +109,7 @@ impl Digest {
             first_s: secs(first),
             // Rounded up, so that the last packet is never later than it says.
             last_s: u32::try_from(last.div_ceil(1_000_000_000)).unwrap_or(u32::MAX),
+            seen: 0,
         }
     }
 
@@ -177,6 +180,9 @@ pub struct Tracker {
     prev_time_unix_ms: Option<u64>,
     /// Evictions since load, as last reported.
     evicted: u64,
+    /// The current sweep cycle: a whole-table poll is one cycle, a partial
+    /// sweep as many polls as it takes to get round the table.
+    cycle: u32,
 }
 
 impl Tracker {
@@ -219,14 +225,17 @@ impl Tracker {
         let mut changed = Vec::new();
         let mut flows_new = 0;
         for (k, v) in live {
-            let now = Digest::of(v);
+            let now = Digest {
+                seen: self.cycle,
+                ..Digest::of(v)
+            };
             let before = prev.get(k);
             if before.is_none() {
                 flows_new += 1;
                 *opened.entry(k.ifindex).or_default() += 1;
             }
             delta.add(k, v, &now, before);
-            if before != Some(&now) {
+            if before.map(|b| b.dir) != Some(now.dir) {
                 changed.push(Conn::new(*k, *v));
             }
             next.insert(*k, now);
@@ -236,28 +245,134 @@ impl Tracker {
                 next.entry(*k).or_insert(*d);
             }
         }
-        let mut vanished: Vec<(FlowKey, FlowValue)> = prev
+        let vanished: Vec<(FlowKey, FlowValue)> = prev
             .iter()
             .filter(|(k, _)| !next.contains_key(k))
             .map(|(k, d)| (*k, d.value()))
             .collect();
-        vanished.sort_by_key(|(k, v)| (v.dir[0].first_ns.max(v.dir[1].first_ns), *k));
-        changed.sort_by_key(|c| std::cmp::Reverse(c.value.dir[0].packets + c.value.dir[1].packets));
+        let flows_active = live.len() + kept.len();
+        self.prev = next;
+        self.cycle = self.cycle.wrapping_add(1);
+        self.finish(
+            Update {
+                delta,
+                opened,
+                changed,
+                vanished,
+                flows_new,
+                flows_active,
+            },
+            totals,
+            ifaces,
+            time_unix_ms,
+            removed,
+        )
+    }
+
+    /// A poll that read part of the table: `live`, the entries read (those
+    /// that changed, those waiting to close, and a slice of the sweep), and
+    /// `ended`. Connections not read are remembered as they were. When
+    /// `cycle_done`, the sweep has just been round the whole table: what it
+    /// did not meet, and no packet brought back, is gone without the agent
+    /// removing it, so evicted.
+    #[allow(clippy::too_many_arguments)]
+    pub fn poll_part(
+        &mut self,
+        live: &[(FlowKey, FlowValue)],
+        ended: &[(FlowKey, FlowValue)],
+        cycle_done: bool,
+        totals: [u64; STAT_COUNT as usize],
+        ifaces: Vec<String>,
+        time_unix_ms: u64,
+        removed: u64,
+    ) -> Poll {
+        let mut delta = Deltas::default();
+        let mut opened = BTreeMap::new();
+        for (k, v) in ended {
+            let before = self.prev.remove(k);
+            if before.is_none() {
+                *opened.entry(k.ifindex).or_default() += 1;
+            }
+            delta.add(k, v, &Digest::of(v), before.as_ref());
+        }
+        let mut changed = Vec::new();
+        let mut flows_new = 0;
+        for (k, v) in live {
+            let now = Digest {
+                seen: self.cycle,
+                ..Digest::of(v)
+            };
+            let before = self.prev.insert(*k, now);
+            if before.is_none() {
+                flows_new += 1;
+                *opened.entry(k.ifindex).or_default() += 1;
+            }
+            delta.add(k, v, &now, before.as_ref());
+            if before.map(|b| b.dir) != Some(now.dir) {
+                changed.push(Conn::new(*k, *v));
+            }
+        }
+        let mut vanished = Vec::new();
+        if cycle_done {
+            let cycle = self.cycle;
+            self.prev.retain(|k, d| {
+                let stays = d.seen == cycle;
+                if !stays {
+                    vanished.push((*k, d.value()));
+                }
+                stays
+            });
+            self.cycle = self.cycle.wrapping_add(1);
+        }
+        let flows_active = self.prev.len();
+        self.finish(
+            Update {
+                delta,
+                opened,
+                changed,
+                vanished,
+                flows_new,
+                flows_active,
+            },
+            totals,
+            ifaces,
+            time_unix_ms,
+            removed,
+        )
+    }
+
+    /// How many connections the tracker remembers (those in the table, as
+    /// far as it has seen).
+    pub fn tracked(&self) -> usize {
+        self.prev.len()
+    }
+
+    fn finish(
+        &mut self,
+        mut u: Update,
+        totals: [u64; STAT_COUNT as usize],
+        ifaces: Vec<String>,
+        time_unix_ms: u64,
+        removed: u64,
+    ) -> Poll {
+        u.vanished
+            .sort_by_key(|(k, v)| (v.dir[0].first_ns.max(v.dir[1].first_ns), *k));
+        u.changed
+            .sort_by_key(|c| std::cmp::Reverse(c.value.dir[0].packets + c.value.dir[1].packets));
         let interval_ms = self
             .prev_time_unix_ms
             .map_or(0, |p| time_unix_ms.saturating_sub(p));
-        let flows_active = live.len() + kept.len();
         // Entries leave the table by the agent's removal or by LRU eviction
         // (a retired connection's entry is replaced, not removed), so the
         // rest of what the kernel created and no longer holds was evicted.
         // The agent reads the counters before the table, so entries created
         // in between are in the table but not yet in `created`: the estimate
         // can dip for a poll, never overshoot, and the highest is the count.
-        let flows_evicted = self
-            .evicted
-            .max(totals[STAT_FLOWS_CREATED as usize].saturating_sub(flows_active as u64 + removed));
+        let flows_evicted = self.evicted.max(
+            totals[STAT_FLOWS_CREATED as usize]
+                .saturating_sub(u.flows_active as u64 + removed),
+        );
         self.evicted = flows_evicted;
-        self.prev = next;
         self.prev_time_unix_ms = Some(time_unix_ms);
         Poll {
             time_unix_ms,
@@ -265,15 +380,25 @@ impl Tracker {
             ifaces,
             totals,
             flows_evicted,
-            flows_active,
-            flows_new,
-            delta: delta.total,
-            sides: delta.sides,
-            opened,
-            changed,
-            vanished,
+            flows_active: u.flows_active,
+            flows_new: u.flows_new,
+            delta: u.delta.total,
+            sides: u.delta.sides,
+            opened: u.opened,
+            changed: u.changed,
+            vanished: u.vanished,
         }
     }
+}
+
+/// What one poll changed, before it is summed up.
+struct Update {
+    delta: Deltas,
+    opened: BTreeMap<u32, u64>,
+    changed: Vec<Conn>,
+    vanished: Vec<(FlowKey, FlowValue)>,
+    flows_new: usize,
+    flows_active: usize,
 }
 
 /// Converts kernel times (CLOCK_MONOTONIC ns) to Unix time in seconds.

@@ -522,3 +522,77 @@ fn captured_frames_cut_and_bit_flipped_all_pass_and_are_counted() {
     );
     assert!(want[STAT_MALFORMED as usize] > 1000 && want[STAT_TCP as usize] > 1000);
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn incremental_polls_read_what_changed_and_sweep_for_the_rest() {
+    use flowmon::{agent::Agent, close::Timeouts};
+    const S: u64 = 1_000_000_000;
+    let (c, s) = (ip("10.4.0.2"), ip("10.4.0.1"));
+    let mut agent = Agent::new(load(), Timeouts::default());
+    // Incremental from the first poll on (normally past 65,536 connections).
+    agent.full_scan_limit = 0;
+    let names = std::collections::HashMap::new();
+    let send = |agent: &mut Agent, t: u64, frames: &[Frame]| {
+        agent.kernel.set_clock_override(t).unwrap();
+        for f in frames {
+            xdp(&agent.kernel, &f.build());
+        }
+    };
+    let handshake = |cport: u16| {
+        [
+            Frame::tcp(c, cport, s, 80, TCP_SYN),
+            Frame::tcp(s, 80, c, cport, TCP_SYN | TCP_ACK),
+            Frame::tcp(c, cport, s, 80, TCP_ACK).payload(10),
+        ]
+    };
+    send(&mut agent, S, &handshake(5001));
+    send(&mut agent, S, &handshake(5002));
+    // A whole read first; it switches the programs to announcing changes.
+    let p = agent.poll(2 * S, 2_000, &names, false).unwrap();
+    assert_eq!((p.poll.flows_active, p.poll.delta.packets), (2, 6));
+    assert_eq!(agent.kernel.epoch(), 1);
+    // 5001 closes; 5002 stays quiet.
+    send(
+        &mut agent,
+        3 * S,
+        &[
+            Frame::tcp(c, 5001, s, 80, TCP_FIN | TCP_ACK),
+            Frame::tcp(s, 80, c, 5001, TCP_FIN | TCP_ACK),
+            Frame::tcp(c, 5001, s, 80, TCP_ACK),
+        ],
+    );
+    let p = agent.poll(3 * S + S / 2, 3_500, &names, false).unwrap();
+    assert_eq!(
+        (p.poll.delta.packets, p.poll.delta.fin, p.poll.flows_active),
+        (3, 2, 2),
+        "exactly the new packets, of the one connection announced"
+    );
+    assert_eq!(p.poll.changed.len(), 1);
+    assert!(p.closed.is_empty(), "5001 waits out its linger");
+    // No packet since: the closing connection is read again and reported.
+    let p = agent.poll(6 * S, 6_000, &names, false).unwrap();
+    assert_eq!(p.closed.len(), 1);
+    let r = &p.closed[0];
+    assert_eq!(
+        (r.conn.client().1, r.close.as_str(), r.conn.clt().packets, r.conn.srv().packets),
+        (5001, "fin", 4, 2)
+    );
+    assert_eq!((p.poll.delta.packets, p.poll.flows_active), (0, 1));
+    // 5002 vanishes behind the agent's back (as an LRU eviction would): the
+    // sweep, round the whole table each poll here, reports it as evicted.
+    let (key, _) = only_flow(&agent.kernel);
+    agent.kernel.take_flow(&key).unwrap().unwrap();
+    let p = agent.poll(7 * S, 7_000, &names, false).unwrap();
+    assert_eq!(p.closed.len(), 1);
+    assert_eq!(
+        (p.closed[0].conn.client().1, p.closed[0].close.as_str()),
+        (5002, "evicted")
+    );
+    assert_eq!(p.poll.flows_active, 0);
+    assert_eq!(stats(&agent.kernel)[STAT_DIRTY_LOST as usize], 0);
+    // Back below half the limit: whole reads again, no announcements.
+    agent.full_scan_limit = 4;
+    agent.poll(8 * S, 8_000, &names, false).unwrap();
+    assert_eq!(agent.kernel.epoch(), 0);
+}

@@ -278,6 +278,8 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     let mut agent = Agent::new(kernel, cfg.timeouts);
     agent.keep = cfg.keep;
+    // A big table is swept in slices, round it every 30 s.
+    agent.sweep_polls = (30.0 / cfg.interval.as_secs_f64()).ceil().max(1.0) as u32;
     agent.resume()?;
     let start_unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
     let mut sinks = Sinks::open(&cfg.sinks, cfg.load.max_flows, start_unix)?;
