@@ -222,6 +222,7 @@ fn agent_cost_and_memory(sizes: &[u32]) {
         // agent then reads what changed plus a 1/30 slice of the sweep.
         let (r, first) = time(|| agent.poll(monotonic_ns(), 0, &names, false).unwrap());
         assert_eq!(r.poll.flows_active, n as usize);
+        drop(r);
         let mut polls = Vec::new();
         for _ in 0..5 {
             let (r, d) = time(|| agent.poll(monotonic_ns(), 0, &names, false).unwrap());

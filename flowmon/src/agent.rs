@@ -91,6 +91,8 @@ pub struct Agent {
     closing: FxHashSet<FlowKey>,
     /// The kernel's count of announcements it had no room for, as last seen.
     dirty_lost: u64,
+    /// Polls that read only part of the table.
+    pub partial_polls: u64,
 }
 
 /// What one poll read.
@@ -121,6 +123,7 @@ impl Agent {
             cursor: None,
             closing: FxHashSet::default(),
             dirty_lost: 0,
+            partial_polls: 0,
         }
     }
 
@@ -223,7 +226,8 @@ impl Agent {
         if self.kernel.epoch() == 0 || flush || overflowed {
             if self.kernel.epoch() != 0 {
                 // Announcements of this epoch are covered by the whole read.
-                self.kernel.set_epoch(self.kernel.epoch().wrapping_add(1).max(1))?;
+                self.kernel
+                    .set_epoch(self.kernel.epoch().wrapping_add(1).max(1))?;
                 self.kernel.drain_dirty();
             }
             self.closing.clear();
@@ -239,6 +243,15 @@ impl Agent {
             .set_epoch(self.kernel.epoch().wrapping_add(1).max(1))?;
         let mut keys: FxHashSet<FlowKey> = self.kernel.drain_dirty().into_iter().collect();
         keys.extend(self.closing.drain());
+        // A key costs a syscall, a batch read about a tenth of one per entry:
+        // when much of a big table changed, reading all of it is cheaper.
+        if keys.len() > 4096 && keys.len() > self.tracker.tracked() / 8 {
+            self.cursor = None;
+            return Ok(Read {
+                entries: self.kernel.flows()?,
+                part: None,
+            });
+        }
         let slice = (self.tracker.tracked() / self.sweep_polls.max(1) as usize).max(4096);
         let (mut entries, next) = self.kernel.flows_from(self.cursor, slice)?;
         self.cursor = next;
@@ -250,6 +263,7 @@ impl Agent {
                 entries.push((k, v));
             }
         }
+        self.partial_polls += 1;
         Ok(Read {
             entries,
             part: Some(next.is_none()),

@@ -124,6 +124,9 @@ pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
     }
 }
 
+/// Entries read, and the cursor to go on from (`None`: the table's end).
+pub type Batch<K, V> = (Vec<(K, V)>, Option<u64>);
+
 /// Reads at least `want` entries (or to the end) in batches of `chunk`,
 /// starting at `cursor` (`None`: the first bucket). Returns them and the
 /// cursor to continue from, `None` once the end of the table was reached.
@@ -134,7 +137,7 @@ pub fn lookup_batch_from<K: aya::Pod, V: aya::Pod>(
     cursor: Option<u64>,
     mut chunk: usize,
     want: usize,
-) -> io::Result<(Vec<(K, V)>, Option<u64>)> {
+) -> io::Result<Batch<K, V>> {
     let mut out = Vec::new();
     let mut cursor = [cursor.unwrap_or(0), 0u64];
     let mut started = cursor[0] != 0;

@@ -682,12 +682,11 @@ impl Kernel {
     /// At least `want` entries from bucket position `cursor` on (see
     /// [`crate::bpfsys::lookup_batch_from`]), and where to continue; `None`
     /// when the end of the table was reached.
-    #[allow(clippy::type_complexity)]
     pub fn flows_from(
         &self,
         cursor: Option<u64>,
         want: usize,
-    ) -> Result<(Vec<(FlowKey, FlowValue)>, Option<u64>), KernelError> {
+    ) -> Result<crate::bpfsys::Batch<FlowKey, FlowValue>, KernelError> {
         let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else {
             return Err(KernelError::MapMissing { map: FLOWS_MAP });
         };

@@ -24,6 +24,9 @@ pub struct Status {
     pub uptime_s: f64,
     pub poll_interval_s: f64,
     pub polls: u64,
+    /// Of those, polls that read only what changed and a slice of the sweep
+    /// (past `--full-scan-limit` connections).
+    pub partial_polls: u64,
     /// How long the latest poll took.
     pub last_poll_ms: f64,
     pub ifaces: Vec<Iface>,
@@ -88,12 +91,13 @@ impl Status {
             (
                 "agent",
                 format!(
-                    "flowmon {}, pid {}, up {}, {} polls every {}s (last took {:.1} ms)",
+                    "flowmon {}, pid {}, up {}, {} polls every {}s ({} incremental; last took {:.1} ms)",
                     self.version,
                     self.pid,
                     human_duration(self.uptime_s),
                     self.polls,
                     self.poll_interval_s,
+                    self.partial_polls,
                     self.last_poll_ms
                 ),
             ),
@@ -215,6 +219,7 @@ mod tests {
             uptime_s: 3725.0,
             poll_interval_s: 1.0,
             polls: 3725,
+            partial_polls: 0,
             last_poll_ms: 1.25,
             ifaces: vec![Iface {
                 name: "veth0".into(),
@@ -244,7 +249,7 @@ mod tests {
         let text = status().text();
         assert_eq!(
             text,
-            "agent          flowmon 0.1.0, pid 42, up 1h2m, 3725 polls every 1s (last took 1.2 ms)
+            "agent          flowmon 0.1.0, pid 42, up 1h2m, 3725 polls every 1s (0 incremental; last took 1.2 ms)
 interfaces     veth0 (XDP native, TC egress)
 pinned         no (programs detach when the agent stops)
 table          64 of 128 entries (50.0%)

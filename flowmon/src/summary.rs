@@ -369,8 +369,7 @@ impl Tracker {
         // in between are in the table but not yet in `created`: the estimate
         // can dip for a poll, never overshoot, and the highest is the count.
         let flows_evicted = self.evicted.max(
-            totals[STAT_FLOWS_CREATED as usize]
-                .saturating_sub(u.flows_active as u64 + removed),
+            totals[STAT_FLOWS_CREATED as usize].saturating_sub(u.flows_active as u64 + removed),
         );
         self.evicted = flows_evicted;
         self.prev_time_unix_ms = Some(time_unix_ms);

@@ -575,7 +575,12 @@ fn incremental_polls_read_what_changed_and_sweep_for_the_rest() {
     assert_eq!(p.closed.len(), 1);
     let r = &p.closed[0];
     assert_eq!(
-        (r.conn.client().1, r.close.as_str(), r.conn.clt().packets, r.conn.srv().packets),
+        (
+            r.conn.client().1,
+            r.close.as_str(),
+            r.conn.clt().packets,
+            r.conn.srv().packets
+        ),
         (5001, "fin", 4, 2)
     );
     assert_eq!((p.poll.delta.packets, p.poll.flows_active), (0, 1));

@@ -288,6 +288,10 @@ fn fifty_thousand_connections_each_reported_once() {
             &sock,
             "--db",
             &db,
+            // Past 1,000 connections, incremental polls: what changed, the
+            // closing ones, and a slice of the sweep.
+            "--full-scan-limit",
+            "1000",
         ],
     );
     let srv = pair.srv_v4;
@@ -356,12 +360,18 @@ fn fifty_thousand_connections_each_reported_once() {
     agent.stop();
     let wire = capture.finish();
     eprintln!(
-        "50k connections: traffic {:.1}s, all reported {:.1}s after the first",
+        "50k connections: traffic {:.1}s, all reported {:.1}s after the first; {} of {} polls incremental",
         traffic.as_secs_f64(),
-        reported_after.as_secs_f64()
+        reported_after.as_secs_f64(),
+        st["partial_polls"],
+        st["polls"]
     );
     assert_eq!(n(&st["table"], "reported"), u64::from(CONNS), "{st}");
     assert_eq!(n(&st["table"], "evicted"), 0, "{st}");
+    assert!(
+        n(&st, "partial_polls") > 0,
+        "the polls went incremental: {st}"
+    );
 
     let records = history(&db);
     assert_eq!(

@@ -55,6 +55,11 @@ pub struct RunArgs {
     /// Connections listed under each text summary.
     #[arg(long, default_value_t = 10)]
     show: usize,
+    /// Past this many connections in the table, read only what changed plus
+    /// a slice of a 30 s sweep each poll, not the whole table (timeouts are
+    /// then seen up to 30 s late).
+    #[arg(long, value_name = "N", default_value_t = flowmon::agent::FULL_SCAN_LIMIT)]
+    full_scan_limit: usize,
     /// No per-poll output (as a service: history, metrics, IPFIX and
     /// `flowmon status` carry it all).
     #[arg(long, conflicts_with = "json")]
@@ -134,6 +139,7 @@ pub struct RunConfig {
     load: LoadOptions,
     show: usize,
     quiet: bool,
+    full_scan_limit: usize,
     polls: Option<u64>,
     timeouts: Timeouts,
     socket: std::path::PathBuf,
@@ -171,6 +177,7 @@ impl RunArgs {
             },
             show: self.show,
             quiet: self.quiet,
+            full_scan_limit: self.full_scan_limit,
             polls: self.polls,
             timeouts: self.timeouts.resolve(),
             socket: self.socket,
@@ -278,6 +285,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     let mut agent = Agent::new(kernel, cfg.timeouts);
     agent.keep = cfg.keep;
+    agent.full_scan_limit = cfg.full_scan_limit;
     // A big table is swept in slices, round it every 30 s.
     agent.sweep_polls = (30.0 / cfg.interval.as_secs_f64()).ceil().max(1.0) as u32;
     agent.resume()?;
@@ -416,6 +424,7 @@ fn status(agent: &Agent, sinks: &Sinks, cfg: &RunConfig, h: &Health) -> Status {
         uptime_s: h.started.elapsed().as_secs_f64(),
         poll_interval_s: cfg.interval.as_secs_f64(),
         polls: h.polls,
+        partial_polls: agent.partial_polls,
         last_poll_ms: h.last_poll.as_secs_f64() * 1e3,
         ifaces: agent
             .kernel
