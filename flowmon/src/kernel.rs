@@ -484,10 +484,7 @@ impl Kernel {
 
     /// Kernel memory charged to the flow table (the `memlock` of its fd).
     pub fn flow_table_bytes(&self) -> Option<u64> {
-        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else {
-            return None;
-        };
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(data.fd()));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.flows_fd().ok()?);
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
         info.lines()
             .find_map(|l| l.strip_prefix("memlock:"))
@@ -534,13 +531,31 @@ impl Kernel {
             })
     }
 
+    /// The flow table, for aya's key-by-key operations.
+    fn flow_table(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, KernelError> {
+        let map = self
+            .ebpf
+            .map(FLOWS_MAP)
+            .ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
+        HashMap::try_from(map).map_err(|source| KernelError::Map {
+            map: FLOWS_MAP,
+            source,
+        })
+    }
+
+    /// The flow table's descriptor, for the syscalls aya does not wrap.
+    fn flows_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, KernelError> {
+        match self.ebpf.map(FLOWS_MAP) {
+            Some(aya::maps::Map::LruHashMap(data)) => Ok(std::os::fd::AsFd::as_fd(data.fd())),
+            _ => Err(KernelError::MapMissing { map: FLOWS_MAP }),
+        }
+    }
+
     /// Every entry of the flow table, read in batches of 4096 entries per
     /// syscall where the kernel supports it (5.6+), else key by key.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
-        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else {
-            return Err(KernelError::MapMissing { map: FLOWS_MAP });
-        };
-        match crate::bpfsys::lookup_batch(std::os::fd::AsFd::as_fd(data.fd()), 4096) {
+        let fd = self.flows_fd()?;
+        match crate::bpfsys::lookup_batch(fd, 4096) {
             Ok(v) => Ok(v),
             Err(e)
                 if matches!(
@@ -562,15 +577,7 @@ impl Kernel {
     /// iterator). Entries that vanish while the table is walked (LRU
     /// eviction) are skipped, not reported as errors.
     pub fn flows_one_by_one(&self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
-        let map = self
-            .ebpf
-            .map(FLOWS_MAP)
-            .ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
-        let table: HashMap<&MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(|source| KernelError::Map {
-                map: FLOWS_MAP,
-                source,
-            })?;
+        let table = self.flow_table()?;
         let mut out = Vec::new();
         for entry in table.iter() {
             match entry {
@@ -590,26 +597,19 @@ impl Kernel {
     /// Removes the entry for `key` and returns its final value, atomically
     /// (see [`crate::bpfsys::lookup_and_delete`]); `None` if it is gone.
     pub fn take_flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, KernelError> {
-        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else {
-            return Err(KernelError::MapMissing { map: FLOWS_MAP });
-        };
-        crate::bpfsys::lookup_and_delete(std::os::fd::AsFd::as_fd(data.fd()), key).map_err(
-            |source| KernelError::Syscall {
-                call: "BPF_MAP_LOOKUP_AND_DELETE_ELEM",
-                map: FLOWS_MAP,
-                source,
-            },
-        )
+        let fd = self.flows_fd()?;
+        crate::bpfsys::lookup_and_delete(fd, key).map_err(|source| KernelError::Syscall {
+            call: "BPF_MAP_LOOKUP_AND_DELETE_ELEM",
+            map: FLOWS_MAP,
+            source,
+        })
     }
 
     /// Puts `value` back under `key` after a [`Kernel::take_flow`] removed the
     /// wrong lifetime. Packets that arrived in between started a new entry;
     /// it is taken and merged in, until the insert lands in an empty slot.
     pub fn restore_flow(&self, key: &FlowKey, mut value: FlowValue) -> Result<(), KernelError> {
-        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else {
-            return Err(KernelError::MapMissing { map: FLOWS_MAP });
-        };
-        let fd = std::os::fd::AsFd::as_fd(data.fd());
+        let fd = self.flows_fd()?;
         loop {
             match crate::bpfsys::insert_new(fd, key, &value) {
                 Ok(true) => return Ok(()),
@@ -646,29 +646,12 @@ impl Kernel {
     /// Keys of the connections that saw packets since the epoch
     /// changed, possibly repeated.
     pub fn drain_dirty(&mut self) -> Vec<FlowKey> {
-        let mut out = Vec::new();
-        while let Some(item) = self.dirty.next() {
-            if item.len() < std::mem::size_of::<FlowKey>() {
-                continue;
-            }
-            // Safety: the programs write whole FlowKey records, a plain
-            // repr(C) type valid for any bytes; read unaligned from the item.
-            out.push(unsafe { item.as_ptr().cast::<FlowKey>().read_unaligned() });
-        }
-        out
+        drain(&mut self.dirty)
     }
 
     /// One entry, if present.
     pub fn lookup_flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, KernelError> {
-        let map = self
-            .ebpf
-            .map(FLOWS_MAP)
-            .ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
-        let table: HashMap<&MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(|source| KernelError::Map {
-                map: FLOWS_MAP,
-                source,
-            })?;
+        let table = self.flow_table()?;
         match table.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
@@ -687,31 +670,23 @@ impl Kernel {
         cursor: Option<u64>,
         want: usize,
     ) -> Result<crate::bpfsys::Batch<FlowKey, FlowValue>, KernelError> {
-        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(FLOWS_MAP) else {
-            return Err(KernelError::MapMissing { map: FLOWS_MAP });
-        };
-        crate::bpfsys::lookup_batch_from(std::os::fd::AsFd::as_fd(data.fd()), cursor, 4096, want)
-            .map_err(|source| KernelError::Syscall {
+        let fd = self.flows_fd()?;
+        crate::bpfsys::lookup_batch_from(fd, cursor, 4096, want).map_err(|source| {
+            KernelError::Syscall {
                 call: "BPF_MAP_LOOKUP_BATCH",
                 map: FLOWS_MAP,
                 source,
-            })
+            }
+        })
     }
 
     /// Connections the programs retired because a new connection started on
     /// their tuple, oldest first.
     pub fn drain_retired(&mut self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
-        let mut out = Vec::new();
-        while let Some(item) = self.closed.next() {
-            if item.len() < std::mem::size_of::<RetiredFlow>() {
-                continue;
-            }
-            // Safety: the programs write whole RetiredFlow records, a plain
-            // repr(C) type valid for any bytes; read unaligned from the item.
-            let r = unsafe { item.as_ptr().cast::<RetiredFlow>().read_unaligned() };
-            out.push((r.key, r.value));
-        }
-        Ok(out)
+        Ok(drain::<RetiredFlow>(&mut self.closed)
+            .into_iter()
+            .map(|r| (r.key, r.value))
+            .collect())
     }
 
     /// The global counters, summed over CPUs, indexed by `flowmon_common::stats`.
@@ -845,6 +820,21 @@ pub fn detach_pinned(dir: &std::path::Path) -> Result<Vec<String>, KernelError> 
     }
     let _ = std::fs::remove_dir(dir);
     Ok(removed)
+}
+
+/// The records waiting in `ring`, oldest first. The programs write whole
+/// `T` records; a shorter one (never written) is skipped.
+fn drain<T: Copy>(ring: &mut RingBuf<MapData>) -> Vec<T> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<T>() {
+            continue;
+        }
+        // Safety: T is a plain repr(C) type of the shared crate, valid for
+        // any bytes; the item holds at least its size, read unaligned.
+        out.push(unsafe { item.as_ptr().cast::<T>().read_unaligned() });
+    }
+    out
 }
 
 #[cfg(test)]

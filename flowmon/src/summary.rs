@@ -188,7 +188,20 @@ pub struct Tracker {
 impl Tracker {
     /// Starts from `live` as if a poll had just seen it.
     pub fn seed(&mut self, live: &[(FlowKey, FlowValue)]) {
-        self.prev = live.iter().map(|(k, v)| (*k, Digest::of(v))).collect();
+        // Marked as of an earlier cycle: the next one must meet them again.
+        let seen = self.cycle.wrapping_sub(1);
+        self.prev = live
+            .iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    Digest {
+                        seen,
+                        ..Digest::of(v)
+                    },
+                )
+            })
+            .collect();
     }
 
     /// Builds a poll from the live entries and the connections that ended
@@ -207,66 +220,10 @@ impl Tracker {
         time_unix_ms: u64,
         removed: u64,
     ) -> Poll {
-        // Each tuple's delta is what all its lifetimes counted since the
-        // previous poll: an ended lifetime continues the remembered counts,
-        // so it consumes them; a live entry on the same tuple then starts from
-        // zero, as the new connection it is.
-        let mut prev = std::mem::take(&mut self.prev);
-        let mut delta = Deltas::default();
-        let mut opened = BTreeMap::new();
-        for (k, v) in ended {
-            let before = prev.remove(k);
-            if before.is_none() {
-                *opened.entry(k.ifindex).or_default() += 1;
-            }
-            delta.add(k, v, &Digest::of(v), before.as_ref());
-        }
-        let mut next = FxHashMap::with_capacity_and_hasher(live.len(), Default::default());
-        let mut changed = Vec::new();
-        let mut flows_new = 0;
-        for (k, v) in live {
-            let now = Digest {
-                seen: self.cycle,
-                ..Digest::of(v)
-            };
-            let before = prev.get(k);
-            if before.is_none() {
-                flows_new += 1;
-                *opened.entry(k.ifindex).or_default() += 1;
-            }
-            delta.add(k, v, &now, before);
-            if before.map(|b| b.dir) != Some(now.dir) {
-                changed.push(Conn::new(*k, *v));
-            }
-            next.insert(*k, now);
-        }
-        for k in kept {
-            if let Some(d) = prev.get(k) {
-                next.entry(*k).or_insert(*d);
-            }
-        }
-        let vanished: Vec<(FlowKey, FlowValue)> = prev
-            .iter()
-            .filter(|(k, _)| !next.contains_key(k))
-            .map(|(k, d)| (*k, d.value()))
-            .collect();
-        let flows_active = live.len() + kept.len();
-        self.prev = next;
-        self.cycle = self.cycle.wrapping_add(1);
-        self.finish(
-            Update {
-                delta,
-                opened,
-                changed,
-                vanished,
-                flows_new,
-                flows_active,
-            },
-            totals,
-            ifaces,
-            time_unix_ms,
-            removed,
-        )
+        // The whole table was read: one poll is a whole sweep cycle.
+        let mut u = self.update(live, ended, kept, true);
+        u.flows_active = live.len() + kept.len();
+        self.finish(u, totals, ifaces, time_unix_ms, removed)
     }
 
     /// A poll that read part of the table: `live`, the entries read (those
@@ -286,6 +243,23 @@ impl Tracker {
         time_unix_ms: u64,
         removed: u64,
     ) -> Poll {
+        let u = self.update(live, ended, &[], cycle_done);
+        self.finish(u, totals, ifaces, time_unix_ms, removed)
+    }
+
+    /// Takes in what a poll read, in place. Each tuple's delta is what all
+    /// its lifetimes counted since the previous poll: an ended lifetime
+    /// continues the remembered counts, so it consumes them; a live entry on
+    /// the same tuple then starts from zero, as the new connection it is.
+    /// Entries read (and `kept`) are marked with the current sweep cycle;
+    /// when `cycle_done`, those the cycle never met are vanished.
+    fn update(
+        &mut self,
+        live: &[(FlowKey, FlowValue)],
+        ended: &[(FlowKey, FlowValue)],
+        kept: &[FlowKey],
+        cycle_done: bool,
+    ) -> Update {
         let mut delta = Deltas::default();
         let mut opened = BTreeMap::new();
         for (k, v) in ended {
@@ -312,6 +286,11 @@ impl Tracker {
                 changed.push(Conn::new(*k, *v));
             }
         }
+        for k in kept {
+            if let Some(d) = self.prev.get_mut(k) {
+                d.seen = self.cycle;
+            }
+        }
         let mut vanished = Vec::new();
         if cycle_done {
             let cycle = self.cycle;
@@ -324,21 +303,14 @@ impl Tracker {
             });
             self.cycle = self.cycle.wrapping_add(1);
         }
-        let flows_active = self.prev.len();
-        self.finish(
-            Update {
-                delta,
-                opened,
-                changed,
-                vanished,
-                flows_new,
-                flows_active,
-            },
-            totals,
-            ifaces,
-            time_unix_ms,
-            removed,
-        )
+        Update {
+            delta,
+            opened,
+            changed,
+            vanished,
+            flows_new,
+            flows_active: self.prev.len(),
+        }
     }
 
     /// How many connections the tracker remembers (those in the table, as
