@@ -28,20 +28,53 @@ pub fn starts_new_connection(v: &FlowValue, seg: &TcpSegment) -> bool {
     syn_only && (v.dir[0].fin | v.dir[1].fin | v.dir[0].rst | v.dir[1].rst) != 0
 }
 
+/// Where [`record`] takes the packet's time from (nanoseconds).
+pub trait Clock {
+    /// The exact time: for times that order events (first SYN, FIN, RST, data,
+    /// ACK of each side) and for the packets that may end a connection.
+    fn precise(&self) -> u64;
+    /// A time at most one kernel tick (4 ms at HZ=250) behind the exact one,
+    /// for refreshing `last_ns` on an established connection's packets, which
+    /// only idle timeouts read. In the kernel it is much cheaper to get.
+    fn coarse(&self) -> u64;
+}
+
+/// One time for every packet: offline analysis and replay, where the packet's
+/// capture time is both exact and free.
+#[derive(Clone, Copy, Debug)]
+pub struct Fixed(pub u64);
+
+impl Clock for Fixed {
+    #[inline(always)]
+    fn precise(&self) -> u64 {
+        self.0
+    }
+    #[inline(always)]
+    fn coarse(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Adds `seg` to `value`. `packets` is how many wire packets the segment
 /// stands for (more than 1 only for a GSO super-packet seen at TC egress) and
-/// `ip_bytes` their IP-layer bytes; `now` is the packet time in nanoseconds.
+/// `ip_bytes` their IP-layer bytes; `clock` gives the packet time.
+///
+/// The exact time is read only when the packet sets one of the direction's
+/// first-event times, carries SYN, FIN or RST, or follows this side's own FIN
+/// or RST (so the last packets of a closing connection, which end its
+/// duration, are exact); any other packet refreshes `last_ns` from the coarse
+/// clock, never moving it backwards.
 ///
 /// # Safety
 /// `value` must point to a live, aligned `FlowValue` for the whole call; other
 /// threads may update it concurrently only through this function.
 #[inline(always)]
-pub unsafe fn record(
+pub unsafe fn record<C: Clock>(
     value: *mut FlowValue,
     seg: &TcpSegment,
     packets: u32,
     ip_bytes: u64,
-    now: u64,
+    clock: &C,
 ) {
     // Safety: the caller guarantees `value` is valid; an index of 0 or 1 is in
     // bounds, and a constant index keeps the verifier's job simple.
@@ -58,6 +91,29 @@ pub unsafe fn record(
         add64(&raw mut (*d).packets, packets as u64);
         add64(&raw mut (*d).bytes, ip_bytes);
         let flags = seg.flags as u8;
+        let pure_ack = flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && flags & TCP_ACK != 0;
+        let routine = flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+            && get(&raw const (*d).first_ns) != 0
+            && (get(&raw const (*d).fin) | get(&raw const (*d).rst)) == 0
+            && if seg.payload_len > 0 {
+                get(&raw const (*d).first_data_ns) != 0
+            } else {
+                !pure_ack || get(&raw const (*d).first_ack_ns) != 0
+            };
+        if seg.payload_len > 0 {
+            add32(&raw mut (*d).data_packets, packets);
+        }
+        let last = &raw mut (*d).last_ns;
+        if routine {
+            let now = clock.coarse();
+            // Plain stores: the last writer wins, and any writer's time is
+            // recent. Only ever forward, as an exact time may be newer.
+            if now > last.read_volatile() {
+                last.write_volatile(now);
+            }
+            return;
+        }
+        let now = clock.precise();
         if flags & TCP_SYN != 0 {
             if flags & TCP_ACK != 0 {
                 add32(&raw mut (*d).synack, 1);
@@ -76,15 +132,20 @@ pub unsafe fn record(
             first(&raw mut (*d).first_rst_ns, now);
         }
         if seg.payload_len > 0 {
-            add32(&raw mut (*d).data_packets, packets);
             first(&raw mut (*d).first_data_ns, now);
-        } else if flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && flags & TCP_ACK != 0 {
+        } else if pure_ack {
             first(&raw mut (*d).first_ack_ns, now);
         }
         first(&raw mut (*d).first_ns, now);
-        // A plain store: the last writer wins, and any writer's time is recent.
-        (&raw mut (*d).last_ns).write_volatile(now);
+        last.write_volatile(now);
     }
+}
+
+/// A field another CPU may be writing: read once, as it is now.
+#[inline(always)]
+unsafe fn get<T: Copy>(p: *const T) -> T {
+    // Safety: forwarded from `record`.
+    unsafe { p.read_volatile() }
 }
 
 #[cfg(target_arch = "bpf")]

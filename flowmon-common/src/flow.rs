@@ -42,42 +42,66 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
 
+const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
+const _: () = assert!(core::mem::offset_of!(FlowKey, addr_b) == 16);
+
 impl FlowKey {
+    /// Writes IPv4 source and destination (side A and B, network byte order)
+    /// and zeroes the rest of both address fields, as four-byte stores: byte
+    /// arrays assigned whole compile to a `memset` call, a loop of one-byte
+    /// stores, in the kernel programs.
+    #[inline(always)]
+    pub fn set_ipv4(&mut self, src: [u8; 4], dst: [u8; 4]) {
+        let w = self.words_mut();
+        *w = [
+            u32::from_ne_bytes(src),
+            0,
+            0,
+            0,
+            u32::from_ne_bytes(dst),
+            0,
+            0,
+            0,
+        ];
+    }
+
     /// Puts the endpoints in canonical order, given a key whose side A holds
     /// the packet's source and side B its destination. Returns the packet's
     /// direction index.
     #[inline(always)]
     pub fn canonicalize(&mut self) -> usize {
-        let src_first = match cmp_bytes(&self.addr_a, &self.addr_b) {
-            core::cmp::Ordering::Less => true,
-            core::cmp::Ordering::Greater => false,
-            core::cmp::Ordering::Equal => self.port_a <= self.port_b,
-        };
-        if src_first {
+        let w = self.words_mut();
+        // Addresses compare as big-endian numbers, a word at a time.
+        let mut src_first = None;
+        let mut i = 0;
+        while i < 4 {
+            let (a, b) = (u32::from_be(w[i]), u32::from_be(w[4 + i]));
+            if a != b {
+                src_first = Some(a < b);
+                break;
+            }
+            i += 1;
+        }
+        if src_first.unwrap_or(self.port_a <= self.port_b) {
             return DIR_A_TO_B;
         }
-        core::mem::swap(&mut self.addr_a, &mut self.addr_b);
+        let w = self.words_mut();
+        let mut i = 0;
+        while i < 4 {
+            w.swap(i, 4 + i);
+            i += 1;
+        }
         core::mem::swap(&mut self.port_a, &mut self.port_b);
         DIR_B_TO_A
     }
-}
 
-// A loop the verifier sees as bounded; `<[u8]>::cmp` may call memcmp, which the
-// bpf target does not have.
-#[inline(always)]
-fn cmp_bytes(a: &[u8; 16], b: &[u8; 16]) -> core::cmp::Ordering {
-    let mut i = 0;
-    while i < 16 {
-        if a[i] != b[i] {
-            return if a[i] < b[i] {
-                core::cmp::Ordering::Less
-            } else {
-                core::cmp::Ordering::Greater
-            };
-        }
-        i += 1;
+    /// Both address fields as eight native-endian words.
+    #[inline(always)]
+    fn words_mut(&mut self) -> &mut [u32; 8] {
+        // Safety: the two 16-byte address fields are adjacent at offset 0
+        // (asserted above), FlowKey is 4-aligned, and any bytes are valid u32s.
+        unsafe { &mut *(self as *mut FlowKey).cast::<[u32; 8]>() }
     }
-    core::cmp::Ordering::Equal
 }
 
 /// What one direction of a connection has sent. Times are nanoseconds on the

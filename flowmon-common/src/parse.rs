@@ -182,10 +182,10 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(p: &P, l3: usize, seg: &mut TcpSegment) -
     }
     let k = &mut seg.key;
     k.family = FAMILY_IPV4;
-    k.addr_a = [0; 16];
-    k.addr_b = [0; 16];
-    k.addr_a[..4].copy_from_slice(&hdr[12..16]);
-    k.addr_b[..4].copy_from_slice(&hdr[16..20]);
+    k.set_ipv4(
+        [hdr[12], hdr[13], hdr[14], hdr[15]],
+        [hdr[16], hdr[17], hdr[18], hdr[19]],
+    );
     parse_tcp(p, l3, l3 + ihl, total_len - ihl, total_len, seg)
 }
 

@@ -2,7 +2,7 @@ use std::{net::IpAddr, vec, vec::Vec};
 
 use super::*;
 use crate::{
-    count::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, record},
+    count::{Fixed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, record},
     craft::{Ext, Frame},
     flow::{DIR_A_TO_B, DIR_B_TO_A, FlowValue},
 };
@@ -256,7 +256,7 @@ fn count(frames: &[Vec<u8>]) -> (crate::flow::FlowKey, FlowValue) {
         let s = tcp(&f[..], 1);
         assert_eq!(*key.get_or_insert(s.key), s.key);
         // Safety: `v` is a live local.
-        unsafe { record(&mut v, &s, 1, u64::from(s.ip_len), 1000 + i as u64) };
+        unsafe { record(&mut v, &s, 1, u64::from(s.ip_len), &Fixed(1000 + i as u64)) };
     }
     (key.unwrap(), v)
 }
@@ -370,5 +370,69 @@ fn merging_two_counts_of_one_connection() {
     assert_eq!(
         (a.dir[1].packets, a.dir[1].first_ns, a.dir[1].last_ns),
         (1, 45, 45)
+    );
+}
+
+/// A clock whose exact and coarse readings differ, so a test can see which
+/// one each packet took.
+struct TwoClocks {
+    precise: u64,
+    coarse: u64,
+}
+
+impl crate::count::Clock for TwoClocks {
+    fn precise(&self) -> u64 {
+        self.precise
+    }
+    fn coarse(&self) -> u64 {
+        self.coarse
+    }
+}
+
+#[test]
+fn routine_packets_take_the_coarse_time_and_never_move_last_back() {
+    let c = v4("192.0.2.9");
+    let s = v4("192.0.2.1");
+    let mut v = FlowValue::default();
+    // (from client, flags, payload, exact time, coarse time, expected last_ns)
+    let steps: [(bool, u8, usize, u64, u64, u64); 9] = [
+        (true, TCP_SYN, 0, 100, 96, 100),
+        // A retransmitted SYN still sets nothing new but carries a flag.
+        (true, TCP_SYN, 0, 110, 108, 110),
+        (true, TCP_ACK, 0, 120, 116, 120),  // first pure ACK: exact
+        (true, TCP_ACK, 10, 130, 128, 130), // first data: exact
+        (true, TCP_ACK, 10, 140, 136, 136), // routine: coarse
+        (true, TCP_ACK, 0, 150, 132, 136),  // coarse behind last: kept
+        (true, TCP_ACK, 10, 160, 156, 156), // routine: coarse
+        (true, TCP_FIN | TCP_ACK, 0, 170, 168, 170),
+        // After its own FIN a side's packets end the connection: exact.
+        (true, TCP_ACK, 0, 180, 176, 180),
+    ];
+    for (i, &(from_client, flags, payload, precise, coarse, last)) in steps.iter().enumerate() {
+        let f = if from_client {
+            Frame::tcp(c, 5555, s, 22, flags).payload(payload).build()
+        } else {
+            Frame::tcp(s, 22, c, 5555, flags).payload(payload).build()
+        };
+        let seg = tcp(&f[..], 1);
+        let clock = TwoClocks { precise, coarse };
+        // Safety: `v` is a live local.
+        unsafe { record(&mut v, &seg, 1, u64::from(seg.ip_len), &clock) };
+        assert_eq!(v.dir[DIR_B_TO_A].last_ns, last, "step {i}");
+    }
+    let clt = v.dir[DIR_B_TO_A];
+    assert_eq!(
+        (
+            clt.packets,
+            clt.syn,
+            clt.fin,
+            clt.data_packets,
+            clt.first_ns,
+            clt.first_syn_ns,
+            clt.first_ack_ns,
+            clt.first_data_ns,
+            clt.first_fin_ns
+        ),
+        (9, 2, 1, 3, 100, 100, 120, 130, 170)
     );
 }

@@ -5,7 +5,7 @@
 use std::io::Write as _;
 
 use flowmon_common::{
-    count::{record, starts_new_connection},
+    count::{Fixed, record, starts_new_connection},
     flow::FlowValue,
     parse::{ETH_P_IPV4, ETH_P_IPV6, Parsed, TcpSegment, parse_ethernet, parse_l3},
 };
@@ -29,7 +29,7 @@ pub fn packet(data: &[u8]) {
             value = FlowValue::default();
         }
         // Safety: `value` is a live local; nothing else touches it.
-        unsafe { record(&mut value, seg, 1, u64::from(seg.ip_len), now) };
+        unsafe { record(&mut value, seg, 1, u64::from(seg.ip_len), &Fixed(now)) };
         key.get_or_insert(seg.key);
     };
     count(parse_ethernet(data, 1, &mut seg), &seg, 1);

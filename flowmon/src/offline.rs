@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use flowmon_common::{
-    count::{record, starts_new_connection},
+    count::{Fixed, record, starts_new_connection},
     flow::{FlowKey, FlowValue},
     parse::{Parsed, TcpSegment, parse_ethernet},
     stats::*,
@@ -52,7 +52,7 @@ impl OfflineTable {
             }
         };
         // Safety: `value` is a live exclusive borrow of the map's element.
-        unsafe { record(value, &seg, 1, u64::from(seg.ip_len), ts_ns) };
+        unsafe { record(value, &seg, 1, u64::from(seg.ip_len), &Fixed(ts_ns)) };
     }
 
     /// Every connection: the retired ones, then those still in the table.
