@@ -221,8 +221,18 @@ pub struct Config {
     /// pinned table it survives agent restarts, and evictions (created minus
     /// live minus removed) stay right.
     pub agent_removed: u64,
+    /// The coarse clock ([`crate::count::Clock::coarse`]) from jiffies, which
+    /// the programs read with one inlined load where a clock helper call
+    /// costs 15–25 ns: `jiffies_ns + (jiffies - jiffies_at) * tick_ns`.
+    /// The agent measures the three at load time; `tick_ns` 0 means not
+    /// measured, and the programs call `bpf_ktime_get_coarse_ns` instead.
+    pub tick_ns: u64,
+    /// A jiffies value, with [`Config::jiffies_ns`] ...
+    pub jiffies_at: u64,
+    /// ... the CLOCK_MONOTONIC time at which jiffies took it.
+    pub jiffies_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 
 /// [`Config::flags`] bit that turns on aya-log debug output.
 pub const CONFIG_FLAG_LOG: u32 = 1;

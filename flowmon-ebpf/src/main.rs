@@ -10,7 +10,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, TC_ACT_UNSPEC, xdp_action::XDP_PASS},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
@@ -96,11 +96,6 @@ fn bump(index: u32) {
     }
 }
 
-#[inline(always)]
-fn config() -> Config {
-    CONFIG.get(0).copied().unwrap_or_default()
-}
-
 /// Parses and counts one packet. `segs` is the number of wire packets the
 /// buffer stands for and `len` its length from the link header on; `None`
 /// means one packet whose IP length is taken from its header.
@@ -120,8 +115,9 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
         Parsed::Malformed => return bump(STAT_MALFORMED),
     };
     bump(STAT_TCP);
-    let cfg = config();
-    let clock = Ktime(cfg.clock_override_ns);
+    // The one entry of a one-entry array: always there.
+    let Some(cfg) = CONFIG.get(0) else { return };
+    let clock = Ktime(cfg);
     let (packets, ip_bytes) = match gso {
         // A GSO super-packet: every wire segment repeats the headers.
         Some((segs, len)) if segs > 1 => {
@@ -173,23 +169,30 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
 }
 
 /// CLOCK_MONOTONIC, or the capture time `flowmon replay` sets in
-/// [`Config::clock_override_ns`] for each packet when it is not 0. Reading
-/// the exact clock costs 20–40 ns per packet in a VM, the coarse one a load.
-struct Ktime(u64);
+/// [`Config::clock_override_ns`] for each packet when it is not 0. The exact
+/// clock costs 20–40 ns per read in a VM; the coarse one comes from jiffies
+/// (an inlined load) as the agent calibrated it in the config.
+struct Ktime<'a>(&'a Config);
 
-impl Clock for Ktime {
+impl Clock for Ktime<'_> {
     #[inline(always)]
     fn precise(&self) -> u64 {
-        if self.0 != 0 {
-            return self.0;
+        if self.0.clock_override_ns != 0 {
+            return self.0.clock_override_ns;
         }
         // Safety: a helper without preconditions.
         unsafe { bpf_ktime_get_ns() }
     }
     #[inline(always)]
     fn coarse(&self) -> u64 {
-        if self.0 != 0 {
-            return self.0;
+        let c = self.0;
+        if c.clock_override_ns != 0 {
+            return c.clock_override_ns;
+        }
+        if c.tick_ns != 0 {
+            // Safety: a helper without preconditions, inlined by the verifier.
+            let ticks = unsafe { bpf_jiffies64() }.wrapping_sub(c.jiffies_at);
+            return c.jiffies_ns.wrapping_add(ticks.wrapping_mul(c.tick_ns));
         }
         // Safety: a helper without preconditions (Linux 5.11).
         unsafe { bpf_ktime_get_coarse_ns() }
@@ -295,6 +298,25 @@ pub fn flowmon_tc(ctx: TcContext) -> i32 {
     handle(&ctx, &pkt, ifindex, Some((segs, len)));
     // "No opinion": the packet continues to any later filter, then out.
     TC_ACT_UNSPEC
+}
+
+/// Writes jiffies and then CLOCK_MONOTONIC into the first 16 bytes of the
+/// packet: run by the agent through `BPF_PROG_TEST_RUN` to calibrate the
+/// coarse clock (see [`Config::tick_ns`]). Never attached.
+#[xdp]
+pub fn flowmon_clock(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 16 <= end {
+        // Safety: the 16 bytes lie inside the packet, as checked; a helper
+        // without preconditions each.
+        unsafe {
+            let j = bpf_jiffies64();
+            let t = bpf_ktime_get_ns();
+            (data as *mut u64).write_unaligned(j);
+            ((data + 8) as *mut u64).write_unaligned(t);
+        }
+    }
+    XDP_PASS
 }
 
 /// Baselines for the benchmarks: the same program types doing nothing, so

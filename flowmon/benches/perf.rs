@@ -107,22 +107,28 @@ fn ns_per_packet<
 }
 
 fn frames() -> [(&'static str, &'static [u8]); 4] {
-    // Connection 0 (10.11.0.0:1024 -> 10.0.0.1:80) exists in every table.
+    // Connection i is 11.0.0.0:(1024 + i) -> 10.0.0.1:80. The data segment
+    // belongs to connection 0, established in every table and staying so.
+    // Each flag has a connection of its own: a FIN or RST on connection 0
+    // would leave it closing, and its data would then take the exact clock
+    // like a closing connection's packets do. Repeated, the SYN on an
+    // established connection counts as a retransmission, and the FIN and RST
+    // as more of the same on a closing one.
     let client = ip("11.0.0.0");
     let server = ip("10.0.0.1");
-    let mk = |flags: u8, payload: usize| -> &'static [u8] {
+    let mk = |conn: u16, flags: u8, payload: usize| -> &'static [u8] {
         Box::leak(
-            Frame::tcp(client, 1024, server, 80, flags)
+            Frame::tcp(client, 1024 + conn, server, 80, flags)
                 .payload(payload)
                 .build()
                 .into_boxed_slice(),
         )
     };
     [
-        ("data", mk(TCP_ACK, 100)),
-        ("SYN", mk(TCP_SYN, 0)),
-        ("FIN", mk(TCP_FIN | TCP_ACK, 0)),
-        ("RST", mk(TCP_RST, 0)),
+        ("data", mk(0, TCP_ACK, 100)),
+        ("SYN", mk(1, TCP_SYN, 0)),
+        ("FIN", mk(2, TCP_FIN | TCP_ACK, 0)),
+        ("RST", mk(3, TCP_RST, 0)),
     ]
 }
 

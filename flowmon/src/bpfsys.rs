@@ -105,21 +105,23 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Reads a whole hash map `chunk` entries per syscall (Linux 5.6+), instead
-/// of two syscalls per entry. Entries changing meanwhile are read as they are
-/// when their bucket is copied; none is read twice.
-pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
-    map: BorrowedFd<'_>,
-    chunk: usize,
-) -> io::Result<Vec<(K, V)>> {
-    let mut cursor = None;
-    let mut out = Vec::new();
-    loop {
-        let (part, next) = lookup_batch_from(map, cursor, chunk, usize::MAX)?;
-        out.extend(part);
-        match next {
-            Some(c) => cursor = Some(c),
-            None => return Ok(out),
+/// Buffers for batched reads, kept between reads: allocated afresh, the
+/// megabyte of chunk buffers and the growing result come from `mmap` each
+/// poll and the kernel zeroes every page again (a third of the agent's CPU in
+/// the live benchmark).
+pub struct BatchReader<K, V> {
+    keys: Vec<MaybeUninit<K>>,
+    values: Vec<MaybeUninit<V>>,
+    /// Entries the last whole read returned: the next one reserves that much.
+    last_whole: usize,
+}
+
+impl<K: aya::Pod, V: aya::Pod> Default for BatchReader<K, V> {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+            last_whole: 0,
         }
     }
 }
@@ -127,72 +129,96 @@ pub fn lookup_batch<K: aya::Pod, V: aya::Pod>(
 /// Entries read, and the cursor to go on from (`None`: the table's end).
 pub type Batch<K, V> = (Vec<(K, V)>, Option<u64>);
 
-/// Reads at least `want` entries (or to the end) in batches of `chunk`,
-/// starting at `cursor` (`None`: the first bucket). Returns them and the
-/// cursor to continue from, `None` once the end of the table was reached.
-/// The cursor is a bucket position: entries added or removed between calls
-/// do not invalidate it.
-pub fn lookup_batch_from<K: aya::Pod, V: aya::Pod>(
-    map: BorrowedFd<'_>,
-    cursor: Option<u64>,
-    mut chunk: usize,
-    want: usize,
-) -> io::Result<Batch<K, V>> {
-    let mut out = Vec::new();
-    let mut cursor = [cursor.unwrap_or(0), 0u64];
-    let mut started = cursor[0] != 0;
-    // Reused across calls; the kernel writes them, nothing reads them unwritten.
-    let mut keys: Vec<MaybeUninit<K>> = Vec::new();
-    let mut values: Vec<MaybeUninit<V>> = Vec::new();
-    loop {
-        keys.resize_with(chunk, MaybeUninit::uninit);
-        values.resize_with(chunk, MaybeUninit::uninit);
-        let (input, output) = cursor.split_at_mut(1);
-        let mut attr = BatchAttr {
-            in_batch: if started {
-                input.as_ptr().addr() as u64
-            } else {
-                0
-            },
-            out_batch: output.as_mut_ptr().addr() as u64,
-            keys: keys.as_mut_ptr().addr() as u64,
-            values: values.as_mut_ptr().addr() as u64,
-            count: chunk as u32,
-            map_fd: map.as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // Safety: the buffers hold `count` keys and values of the map's sizes
-        // and, with the cursors, live across the call; the kernel writes
-        // `count` back into `attr`.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        let err = (r != 0).then(io::Error::last_os_error);
-        if err.as_ref().and_then(io::Error::raw_os_error) == Some(libc::ENOSPC) {
-            // One bucket holds more entries than a chunk: retry it larger.
-            chunk *= 2;
-            continue;
-        }
-        let n = (attr.count as usize).min(chunk);
-        out.reserve(n);
-        // Safety: the kernel filled the first `n` keys and values; K and V
-        // are Pod, valid for any bytes.
-        out.extend((0..n).map(|i| unsafe { (keys[i].assume_init(), values[i].assume_init()) }));
-        match err {
-            None => {}
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok((out, None)),
-            Some(e) => return Err(e),
-        }
-        cursor[0] = cursor[1];
-        started = true;
-        if out.len() >= want {
-            return Ok((out, Some(cursor[0])));
+impl<K: aya::Pod, V: aya::Pod> BatchReader<K, V> {
+    /// Reads a whole hash map `chunk` entries per syscall (Linux 5.6+),
+    /// instead of two syscalls per entry. Entries changing meanwhile are read
+    /// as they are when their bucket is copied; none is read twice.
+    pub fn read_all(&mut self, map: BorrowedFd<'_>, chunk: usize) -> io::Result<Vec<(K, V)>> {
+        // A little over last time, so a growing table rarely reallocates.
+        let mut out = Vec::with_capacity(self.last_whole + self.last_whole / 8);
+        self.read_into(&mut out, map, None, chunk, usize::MAX)?;
+        self.last_whole = out.len();
+        Ok(out)
+    }
+
+    /// Reads at least `want` entries (or to the end) in batches of `chunk`,
+    /// starting at `cursor` (`None`: the first bucket). Returns them and the
+    /// cursor to continue from, `None` once the end of the table was reached.
+    /// The cursor is a bucket position: entries added or removed between
+    /// calls do not invalidate it.
+    pub fn read_from(
+        &mut self,
+        map: BorrowedFd<'_>,
+        cursor: Option<u64>,
+        chunk: usize,
+        want: usize,
+    ) -> io::Result<Batch<K, V>> {
+        let mut out = Vec::with_capacity(want.min(1 << 20).max(chunk));
+        let next = self.read_into(&mut out, map, cursor, chunk, want)?;
+        Ok((out, next))
+    }
+
+    fn read_into(
+        &mut self,
+        out: &mut Vec<(K, V)>,
+        map: BorrowedFd<'_>,
+        cursor: Option<u64>,
+        mut chunk: usize,
+        want: usize,
+    ) -> io::Result<Option<u64>> {
+        let start = out.len();
+        let mut cursor = [cursor.unwrap_or(0), 0u64];
+        let mut started = cursor[0] != 0;
+        let (keys, values) = (&mut self.keys, &mut self.values);
+        loop {
+            keys.resize_with(chunk, MaybeUninit::uninit);
+            values.resize_with(chunk, MaybeUninit::uninit);
+            let (input, output) = cursor.split_at_mut(1);
+            let mut attr = BatchAttr {
+                in_batch: if started {
+                    input.as_ptr().addr() as u64
+                } else {
+                    0
+                },
+                out_batch: output.as_mut_ptr().addr() as u64,
+                keys: keys.as_mut_ptr().addr() as u64,
+                values: values.as_mut_ptr().addr() as u64,
+                count: chunk as u32,
+                map_fd: map.as_raw_fd() as u32,
+                elem_flags: 0,
+                flags: 0,
+            };
+            // Safety: the buffers hold `count` keys and values of the map's sizes
+            // and, with the cursors, live across the call; the kernel writes
+            // `count` back into `attr`.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &raw mut attr,
+                    size_of::<BatchAttr>() as u32,
+                )
+            };
+            let err = (r != 0).then(io::Error::last_os_error);
+            if err.as_ref().and_then(io::Error::raw_os_error) == Some(libc::ENOSPC) {
+                // One bucket holds more entries than a chunk: retry it larger.
+                chunk *= 2;
+                continue;
+            }
+            let n = (attr.count as usize).min(chunk);
+            // Safety: the kernel filled the first `n` keys and values; K and V
+            // are Pod, valid for any bytes.
+            out.extend((0..n).map(|i| unsafe { (keys[i].assume_init(), values[i].assume_init()) }));
+            match err {
+                None => {}
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+                Some(e) => return Err(e),
+            }
+            cursor[0] = cursor[1];
+            started = true;
+            if out.len() - start >= want {
+                return Ok(Some(cursor[0]));
+            }
         }
     }
 }

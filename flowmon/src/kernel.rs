@@ -30,6 +30,8 @@ pub const XDP_PROGRAM: &str = "flowmon_xdp";
 pub const TC_PROGRAM: &str = "flowmon_tc";
 /// Do-nothing programs of the same types, for benchmarks.
 pub const PASS_XDP_PROGRAM: &str = "flowmon_pass_xdp";
+/// Reads jiffies and the clock together, to calibrate the coarse clock.
+pub const CLOCK_PROGRAM: &str = "flowmon_clock";
 pub const PASS_TC_PROGRAM: &str = "flowmon_pass_tc";
 const FLOWS_MAP: &str = "FLOWS";
 const STATS_MAP: &str = "STATS";
@@ -161,6 +163,8 @@ pub struct Kernel {
     resumed: bool,
     /// Pinned links: dropping these leaves the programs attached.
     pinned_links: Vec<PinnedLink>,
+    /// The flow table's batch read buffers, kept from poll to poll.
+    reader: std::sync::Mutex<crate::bpfsys::BatchReader<FlowKey, FlowValue>>,
 }
 
 impl Kernel {
@@ -224,6 +228,7 @@ impl Kernel {
             pin: opts.pin.clone(),
             resumed,
             pinned_links: Vec::new(),
+            reader: Default::default(),
         };
         if resumed {
             // Keep what the earlier agent recorded (its removals).
@@ -235,8 +240,39 @@ impl Kernel {
         if opts.kernel_log {
             kernel.config.flags |= CONFIG_FLAG_LOG;
         }
+        let ticks = kernel.measure_ticks();
+        (
+            kernel.config.tick_ns,
+            kernel.config.jiffies_at,
+            kernel.config.jiffies_ns,
+        ) = ticks.map_or((0, 0, 0), |t| (t.tick_ns, t.jiffies_at, t.jiffies_ns));
         kernel.write_config()?;
         Ok(kernel)
+    }
+
+    /// Measures how jiffies map to the clock (see [`crate::ticks`]). `None`
+    /// when the kernel cannot run the program or the ticks were irregular:
+    /// the programs then read the coarse clock through its helper, which
+    /// is slower but as right.
+    fn measure_ticks(&mut self) -> Option<crate::ticks::Ticks> {
+        let prog: &mut Xdp = self.program_mut(CLOCK_PROGRAM).ok()?;
+        if prog.fd().is_err() {
+            prog.load().ok()?;
+        }
+        let t = crate::ticks::measure(prog);
+        // Unloaded again: it is only needed here.
+        let _ = prog.unload();
+        t
+    }
+
+    /// How the programs' coarse clock converts jiffies, if it was measured.
+    pub fn ticks(&self) -> Option<crate::ticks::Ticks> {
+        let c = &self.config;
+        (c.tick_ns != 0).then_some(crate::ticks::Ticks {
+            tick_ns: c.tick_ns,
+            jiffies_at: c.jiffies_at,
+            jiffies_ns: c.jiffies_ns,
+        })
     }
 
     /// The interfaces attached so far.
@@ -555,7 +591,8 @@ impl Kernel {
     /// syscall where the kernel supports it (5.6+), else key by key.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
         let fd = self.flows_fd()?;
-        match crate::bpfsys::lookup_batch(fd, 4096) {
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        match reader.read_all(fd, 4096) {
             Ok(v) => Ok(v),
             Err(e)
                 if matches!(
@@ -663,7 +700,7 @@ impl Kernel {
     }
 
     /// At least `want` entries from bucket position `cursor` on (see
-    /// [`crate::bpfsys::lookup_batch_from`]), and where to continue; `None`
+    /// [`crate::bpfsys::BatchReader::read_from`]), and where to continue; `None`
     /// when the end of the table was reached.
     pub fn flows_from(
         &self,
@@ -671,13 +708,14 @@ impl Kernel {
         want: usize,
     ) -> Result<crate::bpfsys::Batch<FlowKey, FlowValue>, KernelError> {
         let fd = self.flows_fd()?;
-        crate::bpfsys::lookup_batch_from(fd, cursor, 4096, want).map_err(|source| {
-            KernelError::Syscall {
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        reader
+            .read_from(fd, cursor, 4096, want)
+            .map_err(|source| KernelError::Syscall {
                 call: "BPF_MAP_LOOKUP_BATCH",
                 map: FLOWS_MAP,
                 source,
-            }
-        })
+            })
     }
 
     /// Connections the programs retired because a new connection started on

@@ -33,4 +33,5 @@ pub mod snapshot;
 pub mod status;
 pub mod store;
 pub mod summary;
+pub mod ticks;
 pub mod views;

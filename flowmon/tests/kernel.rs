@@ -601,3 +601,47 @@ fn incremental_polls_read_what_changed_and_sweep_for_the_rest() {
     agent.poll(8 * S, 8_000, &names, false).unwrap();
     assert_eq!(agent.kernel.epoch(), 0);
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn routine_packets_are_timed_by_the_calibrated_jiffies_clock() {
+    use flowmon::{agent::monotonic_ns, ticks::TICKS_NS};
+    let k = load();
+    let ticks = k.ticks().expect("the coarse clock calibrated at load");
+    assert!(TICKS_NS.contains(&ticks.tick_ns), "{ticks:?}");
+    let c = ip("10.1.0.2");
+    let s = ip("10.1.0.1");
+    // The SYN and the first data segment set first times: exact clock.
+    let t0 = monotonic_ns();
+    tc(&k, &Frame::tcp(c, 40000, s, 80, TCP_SYN).build(), 0);
+    let data = Frame::tcp(c, 40000, s, 80, TCP_ACK).payload(10).build();
+    tc(&k, &data, 0);
+    let t1 = monotonic_ns();
+    let (_, v) = only_flow(&k);
+    let d = v.dir[DIR_B_TO_A];
+    assert!(t0 <= d.first_syn_ns && d.first_data_ns <= t1, "{d:?}");
+    assert_eq!(d.last_ns, d.first_data_ns);
+    // Routine data segments over a few ticks: last_ns follows the clock to
+    // within a tick (and the calibration's reading gap), never backwards.
+    let mut last = d.last_ns;
+    let mut moved = 0;
+    let until = monotonic_ns() + 6 * ticks.tick_ns;
+    while monotonic_ns() < until {
+        tc(&k, &data, 0);
+        let after = monotonic_ns();
+        let l = only_flow(&k).1.dir[DIR_B_TO_A].last_ns;
+        assert!(l >= last, "last_ns went back from {last} to {l}");
+        assert!(
+            l <= after + 100_000 && l + ticks.tick_ns + 1_000_000 >= after,
+            "last_ns {l} vs clock {after}, tick {}",
+            ticks.tick_ns
+        );
+        moved += u32::from(l > last);
+        last = l;
+    }
+    assert!(moved >= 4, "last_ns advanced {moved} times in 6 ticks");
+    assert_eq!(
+        only_flow(&k).1.dir[DIR_B_TO_A].first_data_ns,
+        d.first_data_ns
+    );
+}
