@@ -20,7 +20,13 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         );
     }
     setup::run(&setup::Options { no_packages: false })?;
-    setup::install(setup::BENCH_PACKAGES)?;
+    let installed = setup::install(setup::BENCH_PACKAGES)?;
+    if installed.contains(&"pmacct") && std::path::Path::new("/run/systemd/system").exists() {
+        // Under systemd the package starts a pmacctd of its own on the host's
+        // interfaces; the benchmark runs its own in a namespace, and a second
+        // one would only add noise.
+        util::run(Command::new("systemctl").args(["disable", "--now", "pmacctd.service"]))?;
+    }
     let mut cmd = Command::new("cargo");
     cmd.args(["bench", "--package", "flowmon", "--bench", "perf", "--"])
         .current_dir(util::root());

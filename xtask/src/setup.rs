@@ -111,15 +111,17 @@ pub fn cargo_fuzz() -> anyhow::Result<()> {
     ]))
 }
 
-/// What `cargo xtask bench` adds: the traffic source of its live section.
-pub const BENCH_PACKAGES: &[&str] = &["tcpreplay"];
+/// What `cargo xtask bench` adds: the traffic source of its live section
+/// and the per-flow libpcap peer it is compared with (pmacctd).
+pub const BENCH_PACKAGES: &[&str] = &["tcpreplay", "pmacct"];
 
 fn packages() -> anyhow::Result<()> {
-    install(PACKAGES)
+    install(PACKAGES).map(drop)
 }
 
-/// Installs the Debian packages of `list` that are missing (root only).
-pub fn install(list: &[&str]) -> anyhow::Result<()> {
+/// Installs the Debian packages of `list` that are missing (root only), and
+/// returns those it installed.
+pub fn install<'a>(list: &[&'a str]) -> anyhow::Result<Vec<&'a str>> {
     let missing: Vec<&str> = list
         .iter()
         .copied()
@@ -129,7 +131,7 @@ pub fn install(list: &[&str]) -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        return Ok(());
+        return Ok(missing);
     }
     if !util::is_root() {
         bail!(
@@ -143,5 +145,6 @@ pub fn install(list: &[&str]) -> anyhow::Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    )?;
+    Ok(missing)
 }
