@@ -24,8 +24,13 @@ const CLT_NS: &str = "fmbench-c";
 const SRV_NS: &str = "fmbench-s";
 const CLT_IF: &str = "fmbc";
 const SRV_IF: &str = "fmbs";
+/// Addresses for the real connections (the replayed capture uses others,
+/// which nobody has).
+const CLT_ADDR: &str = "10.252.0.2";
+const SRV_ADDR: &str = "10.252.0.1";
 
 /// What the capture holds.
+#[derive(Clone, Copy)]
 struct Sent {
     packets: u64,
     syn: u64,
@@ -60,10 +65,36 @@ impl Net {
             "ip", "link", "add", CLT_IF, "netns", CLT_NS, "type", "veth", "peer", "name", SRV_IF,
             "netns", SRV_NS,
         ]);
-        for (ns, i) in [(CLT_NS, CLT_IF), (SRV_NS, SRV_IF)] {
+        for (ns, i, addr) in [(CLT_NS, CLT_IF, CLT_ADDR), (SRV_NS, SRV_IF, SRV_ADDR)] {
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                i,
+            ]);
+            // Segments as they go on a wire, as in flowmon's own tests.
+            sh(&[
+                "ip", "netns", "exec", ns, "ethtool", "-K", i, "tso", "off", "gso", "off", "gro",
+                "off",
+            ]);
             sh(&["ip", "-n", ns, "link", "set", i, "up"]);
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
+        // Room for every run's connections without reusing a port.
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            CLT_NS,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ]);
         Net
     }
 }
@@ -329,7 +360,9 @@ fn wait_for_line(dir: &Path, name: &str, marker: &str) {
 }
 
 /// What a monitor counted: packets, and SYN/FIN/RST where it counts them.
-fn counted(m: Monitor, r: &mut Running) -> (u64, Option<(u64, u64, u64)>) {
+/// `server_port` tells pmacctd's client-to-server rows (with the SYN) from
+/// the others (with the SYN-ACK), as it ORs a flow's flags together.
+fn counted(m: Monitor, r: &mut Running, server_port: u16) -> (u64, Option<(u64, u64, u64)>) {
     let sock = r.dir.join("api.sock").to_string_lossy().into_owned();
     match m {
         Monitor::None => (0, None),
@@ -391,7 +424,8 @@ fn counted(m: Monitor, r: &mut Running) -> (u64, Option<(u64, u64, u64)>) {
                 }
                 let flags: u8 = f[4].parse().unwrap_or(0);
                 packets += f[6].parse::<u64>().unwrap_or(0);
-                syn += u64::from(f[3] == "80" && flags & TCP_SYN != 0);
+                let to_server = f[3].parse::<u16>() == Ok(server_port);
+                syn += u64::from(to_server && flags & TCP_SYN != 0);
                 fin += u64::from(flags & TCP_FIN != 0);
                 rst += u64::from(flags & TCP_RST != 0);
             }
@@ -455,75 +489,213 @@ fn stop(mut r: Running) {
     }
 }
 
-pub fn live(conns: u32, rates: &[u32]) {
-    println!("\n## 4. Live traffic against libpcap peers (tcpreplay over a veth pair)\n");
+/// What one run of a workload put on the wire.
+struct Load {
+    sent: Sent,
+    /// Packets per second achieved.
+    rate: f64,
+    /// The port the connections went to.
+    server_port: u16,
+}
+
+/// Runs `load` once with each monitor in turn and prints a row for each.
+/// `label` names the rate column.
+fn compare(dir: &Path, label: &str, mut load: impl FnMut(Monitor) -> Load) {
+    let mut baseline = 0.0;
+    for m in [
+        Monitor::None,
+        Monitor::Flowmon,
+        Monitor::FlowmonGeneric,
+        Monitor::Tcpdump,
+        Monitor::Pmacct,
+    ] {
+        let mut r = start(m, dir);
+        let pid = r.child.as_ref().map(Child::id);
+        let cpu0 = pid.map_or(0.0, tree_cpu);
+        let before = cpu_jiffies();
+        let Load {
+            sent,
+            rate,
+            server_port,
+        } = load(m);
+        // The same settling time for every monitor: flowmon's agent polls
+        // the last connections in it. Measured before the counts are read,
+        // since reading them (a query) costs CPU too.
+        thread::sleep(Duration::from_millis(1500));
+        let busy = (cpu_jiffies().0 - before.0) as f64 / 100.0;
+        let own = pid.map_or(0.0, tree_cpu) - cpu0;
+        let (got, flags) = counted(m, &mut r, server_port);
+        stop(r);
+        let mpkt = sent.packets as f64 / 1e6;
+        if m == Monitor::None {
+            baseline = busy;
+        }
+        let per_mpkt = |v: f64| {
+            if m == Monitor::None {
+                "-".to_string()
+            } else {
+                format!("{:.2}", v / mpkt)
+            }
+        };
+        println!(
+            "| {label} | {} | {rate:.0} | {} | {} | {} | {} |",
+            m.name(),
+            if m == Monitor::None {
+                "-".into()
+            } else {
+                format!("{got} / {}", sent.packets)
+            },
+            flags.map_or("-".into(), |(s, f, x)| format!(
+                "{s}, {f}, {x} / {}, {}, {}",
+                sent.syn, sent.fin, sent.rst
+            )),
+            per_mpkt((busy - baseline).max(0.0)),
+            per_mpkt(own),
+        );
+    }
+}
+
+const TABLE_HEAD: &str = "| rate | monitor | rate achieved (pps) | packets counted / sent | SYN, FIN, RST counted / sent | CPU s per Mpkt beyond baseline (whole machine) | of which its processes |\n|---:|---|---:|---|---|---:|---:|";
+
+pub fn live(conns: u32, rates: &[u32], real_conns: u32) {
+    println!("\n## 4. Live traffic against libpcap peers (over a veth pair)\n");
     let net = Net::new();
     let dir = tempfile::tempdir().unwrap();
     let pcap = dir.path().join("synthetic.pcap");
     let sent = write_capture(&pcap, conns);
     println!(
-        "{conns} connections, {} packets per replay: SYN {}, FIN {}, RST {}.\n",
+        "### Replayed capture (tcpreplay)\n\n{conns} connections, {} packets per replay: SYN {}, FIN {}, RST {}.\n",
         sent.packets, sent.syn, sent.fin, sent.rst
     );
-    println!(
-        "| rate asked (pps) | monitor | rate achieved (pps) | packets counted / sent | SYN, FIN, RST counted / sent | CPU s per Mpkt beyond baseline (whole machine) | of which its process |"
-    );
-    println!("|---:|---|---:|---|---|---:|---:|");
+    println!("{TABLE_HEAD}");
     for &pps in rates {
-        let mut baseline = 0.0;
-        for m in [
-            Monitor::None,
-            Monitor::Flowmon,
-            Monitor::FlowmonGeneric,
-            Monitor::Tcpdump,
-            Monitor::Pmacct,
-        ] {
-            let mut r = start(m, dir.path());
-            let pid = r.child.as_ref().map(Child::id);
-            let cpu0 = pid.map_or(0.0, tree_cpu);
-            let before = cpu_jiffies();
-            let (n, rate) = replay(&pcap, pps);
-            // The same settling time for every monitor: flowmon's agent
-            // polls the last connections in it. Measured before the counts
-            // are read, since reading them (a query) costs CPU too.
-            thread::sleep(Duration::from_millis(1500));
-            let busy = (cpu_jiffies().0 - before.0) as f64 / 100.0;
-            let own = pid.map_or(0.0, tree_cpu) - cpu0;
-            let (got, flags) = counted(m, &mut r);
-            stop(r);
-            let mpkt = n as f64 / 1e6;
-            if m == Monitor::None {
-                baseline = busy;
+        let label = if pps == 0 {
+            "max".to_string()
+        } else {
+            format!("{pps} pps")
+        };
+        compare(dir.path(), &label, |_| {
+            let (packets, rate) = replay(&pcap, pps);
+            Load {
+                sent: Sent { packets, ..sent },
+                rate,
+                server_port: 80,
             }
-            let extra = if m == Monitor::None {
-                "-".to_string()
-            } else {
-                format!("{:.2}", (busy - baseline).max(0.0) / mpkt)
-            };
-            let own = if m == Monitor::None {
-                "-".to_string()
-            } else {
-                format!("{:.2}", own / mpkt)
-            };
-            println!(
-                "| {} | {} | {rate:.0} | {} | {} | {extra} | {own} |",
-                if pps == 0 {
-                    "max".into()
-                } else {
-                    pps.to_string()
-                },
-                m.name(),
-                if m == Monitor::None {
-                    "-".into()
-                } else {
-                    format!("{got} / {n}")
-                },
-                flags.map_or("-".into(), |(s, f, x)| format!(
-                    "{s}, {f}, {x} / {}, {}, {}",
-                    sent.syn, sent.fin, sent.rst
-                )),
-            );
-        }
+        });
     }
+    println!(
+        "\n### Real TCP connections\n\n{real_conns} connections per run, one after another as fast as one client thread opens them: the client sends 100 bytes, the server reads them and closes, the client closes. What was sent is read from a capture on the client's side.\n"
+    );
+    println!("{TABLE_HEAD}");
+    let mut port = 8000;
+    compare(dir.path(), "max", |_| {
+        // A listening port of its own per run: no tuple from an earlier run
+        // lingers in TIME_WAIT.
+        port += 1;
+        real_connections(dir.path(), real_conns, port)
+    });
     drop(net);
+}
+
+/// Opens `n` TCP connections from the client namespace to a server in the
+/// server namespace on `port`, and returns what the wire carried (a capture
+/// on the client's veth) and the packet rate.
+fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+    };
+    let wire = dir.join("wire.pcap");
+    let mut capture = in_ns(
+        CLT_NS,
+        &[
+            "tcpdump",
+            "-i",
+            CLT_IF,
+            "-n",
+            "-B",
+            "65536",
+            // Every packet handed over at once: a buffered block still in
+            // the kernel when it stops would be lost from the count.
+            "--immediate-mode",
+            "-U",
+            "-w",
+            &wire.to_string_lossy(),
+            "tcp",
+        ],
+    )
+    .stderr(log(dir, "wire"))
+    .spawn()
+    .unwrap();
+    wait_for_line(dir, "wire", "listening on");
+    let listener = in_ns_thread(SRV_NS, move || TcpListener::bind((SRV_ADDR, port)).unwrap());
+    let server = thread::spawn(move || {
+        let mut buf = [0u8; 100];
+        for _ in 0..n {
+            let (mut s, _) = listener.accept().unwrap();
+            s.read_exact(&mut buf).unwrap();
+        }
+    });
+    let started = std::time::Instant::now();
+    in_ns_thread(CLT_NS, move || {
+        let mut buf = [0u8; 1];
+        for _ in 0..n {
+            let mut s = TcpStream::connect((SRV_ADDR, port)).unwrap();
+            s.write_all(&[7u8; 100]).unwrap();
+            // The server's FIN; then ours.
+            assert_eq!(s.read(&mut buf).unwrap(), 0);
+        }
+    });
+    server.join().unwrap();
+    let elapsed = started.elapsed();
+    // The last FIN's ACK, then the capture's end.
+    thread::sleep(Duration::from_millis(200));
+    let pid = nix::unistd::Pid::from_raw(capture.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    capture.wait().unwrap();
+    let sent = count_capture(&wire);
+    Load {
+        rate: sent.packets as f64 / elapsed.as_secs_f64(),
+        sent,
+        server_port: port,
+    }
+}
+
+/// Runs `f` on a thread inside namespace `ns`; sockets it makes stay there.
+fn in_ns_thread<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsFd as _;
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Packets and SYN (without ACK), FIN and RST segments in a capture.
+fn count_capture(path: &Path) -> Sent {
+    use flowmon_common::parse::{Parsed, TcpSegment, parse_ethernet};
+    use pcap_file::pcap::PcapReader;
+    let mut r = PcapReader::new(std::fs::File::open(path).unwrap()).unwrap();
+    let mut sent = Sent {
+        packets: 0,
+        syn: 0,
+        fin: 0,
+        rst: 0,
+    };
+    while let Some(p) = r.next_packet() {
+        let p = p.unwrap();
+        let mut seg = TcpSegment::default();
+        if parse_ethernet(&p.data[..], 0, &mut seg) != Parsed::Tcp {
+            continue;
+        }
+        let flags = seg.flags as u8;
+        sent.packets += 1;
+        sent.syn += u64::from(flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
+        sent.fin += u64::from(flags & TCP_FIN != 0);
+        sent.rst += u64::from(flags & TCP_RST != 0);
+    }
+    sent
 }
