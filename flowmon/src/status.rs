@@ -34,6 +34,10 @@ pub struct Status {
     pub pin_dir: Option<String>,
     /// Whether this agent took over a table an earlier one pinned.
     pub resumed: bool,
+    /// The tick of the coarse clock the programs read from jiffies (see
+    /// `flowmon::ticks`), in ns; `None`: the coarse clock helper instead.
+    #[serde(default)]
+    pub tick_ns: Option<u64>,
     pub table: Table,
     /// Kernel counters since the programs were loaded, by name.
     pub kernel: BTreeMap<String, u64>,
@@ -118,6 +122,16 @@ impl Status {
                 },
             ),
         ];
+        lines.push((
+            "clock",
+            match self.tick_ns {
+                Some(t) => format!(
+                    "exact for events; last seen from jiffies (tick {} ms)",
+                    t as f64 / 1e6
+                ),
+                None => "exact for events; last seen from bpf_ktime_get_coarse_ns".into(),
+            },
+        ));
         let t = &self.table;
         let pct = if t.capacity == 0 {
             0.0
@@ -228,6 +242,7 @@ mod tests {
             }],
             pin_dir: None,
             resumed: false,
+            tick_ns: Some(4_000_000),
             table: Table {
                 capacity: 128,
                 used: 64,
@@ -252,6 +267,7 @@ mod tests {
             "agent          flowmon 0.1.0, pid 42, up 1h2m, 3725 polls every 1s (0 incremental; last took 1.2 ms)
 interfaces     veth0 (XDP native, TC egress)
 pinned         no (programs detach when the agent stops)
+clock          exact for events; last seen from jiffies (tick 4 ms)
 table          64 of 128 entries (50.0%)
 connections    300 created, 230 reported
 evicted        10 (7 reported as class evicted, 3 unseen between polls): raise --max-flows
@@ -272,6 +288,7 @@ capabilities   none (dropped after attaching)
         let s = status();
         let j = serde_json::to_value(&s).unwrap();
         assert_eq!(j["table"]["evicted_reported"], 7);
+        assert_eq!(j["tick_ns"], 4_000_000);
         assert_eq!(j["kernel"]["flows_created"], 300);
         assert_eq!(serde_json::from_value::<Status>(j).unwrap(), s);
     }

@@ -269,6 +269,12 @@ fn runs_with_only_the_service_units_capabilities() {
     );
     let status = common::rows(&common::flowmon(&["status", "--socket", &sock, "--json"]));
     assert_eq!(status[0]["capabilities"], serde_json::json!([]));
+    // The coarse clock was calibrated with only the unit's capabilities.
+    assert!(
+        flowmon::ticks::TICKS_NS.contains(&status[0]["tick_ns"].as_u64().unwrap_or(0)),
+        "{}",
+        status[0]
+    );
     // The bounding set is the unit's (no CAP_SETPCAP to trim it); the rest is empty.
     for (set, mask) in common::capability_masks(agent.child.id()) {
         if set != "CapBnd" {
