@@ -24,7 +24,7 @@ use std::{
 
 use flowmon_common::{
     flow::{FlowKey, FlowValue},
-    stats::{STAT_COUNT, STAT_DIRTY_LOST},
+    stats::{STAT_COUNT, STAT_DIRTY_LOST, STAT_FLOWS_CREATED},
 };
 use rustc_hash::FxHashSet;
 
@@ -145,23 +145,34 @@ impl Agent {
         let totals = self.kernel.stats()?;
         let mut ended: Vec<(FlowKey, FlowValue)> = self.kernel.drain_retired()?;
         let read = self.read(&totals, flush)?;
-        let mut live = Vec::new();
-        for (k, v) in read.entries {
+        // What stays is what was read, less what is taken: kept in place
+        // rather than copied out entry by entry.
+        let mut live = read.entries;
+        let mut failed = None;
+        live.retain(|&(k, v)| {
+            if failed.is_some() {
+                return true;
+            }
             let conn = Conn::new(k, v);
             let (close, _) = conn.classify(now_ns, &self.timeouts);
             let silent = Duration::from_nanos(now_ns.saturating_sub(conn.last_ns()));
             if flush || is_due(close, silent, &self.timeouts) {
-                if let Some(latest) = self.take_finished(&k, &conn)? {
-                    ended.push((k, latest));
+                match self.take_finished(&k, &conn) {
+                    Ok(Some(latest)) => ended.push((k, latest)),
+                    Ok(None) => {}
+                    Err(e) => failed = Some(e),
                 }
-            } else {
-                if close.is_final() {
-                    // Due once the linger passes, packets or not: read it
-                    // again next poll.
-                    self.closing.insert(k);
-                }
-                live.push((k, v));
+                return failed.is_some();
             }
+            if close.is_final() {
+                // Due once the linger passes, packets or not: read it
+                // again next poll.
+                self.closing.insert(k);
+            }
+            true
+        });
+        if let Some(e) = failed {
+            return Err(e);
         }
         let removed = std::mem::take(&mut self.removed);
         self.kernel.add_agent_removed(removed)?;
@@ -233,7 +244,7 @@ impl Agent {
             self.closing.clear();
             self.cursor = None;
             return Ok(Read {
-                entries: self.kernel.flows()?,
+                entries: self.kernel.flows_expecting(self.expected(totals))?,
                 part: None,
             });
         }
@@ -248,7 +259,7 @@ impl Agent {
         if keys.len() > 4096 && keys.len() > self.tracker.tracked() / 8 {
             self.cursor = None;
             return Ok(Read {
-                entries: self.kernel.flows()?,
+                entries: self.kernel.flows_expecting(self.expected(totals))?,
                 part: None,
             });
         }
@@ -268,6 +279,15 @@ impl Agent {
             entries,
             part: Some(next.is_none()),
         })
+    }
+
+    /// About how many entries the table holds, from the kernel's counters
+    /// (created, less what the agent removed; evictions make it an
+    /// overestimate, the capacity bounds it): what a whole read reserves.
+    fn expected(&self, totals: &[u64; STAT_COUNT as usize]) -> usize {
+        let held = totals[STAT_FLOWS_CREATED as usize]
+            .saturating_sub(self.kernel.agent_removed() + self.removed);
+        held.min(u64::from(self.kernel.capacity())) as usize
     }
 
     /// Reads incrementally past `full_scan_limit` tracked connections and

@@ -133,9 +133,16 @@ impl<K: aya::Pod, V: aya::Pod> BatchReader<K, V> {
     /// Reads a whole hash map `chunk` entries per syscall (Linux 5.6+),
     /// instead of two syscalls per entry. Entries changing meanwhile are read
     /// as they are when their bucket is copied; none is read twice.
-    pub fn read_all(&mut self, map: BorrowedFd<'_>, chunk: usize) -> io::Result<Vec<(K, V)>> {
-        // A little over last time, so a growing table rarely reallocates.
-        let mut out = Vec::with_capacity(self.last_whole + self.last_whole / 8);
+    /// `expect` is how many entries the caller thinks there are: the result
+    /// reserves that many, or a little over the last whole read's count, so
+    /// a growing table rarely reallocates (and copies) it.
+    pub fn read_all(
+        &mut self,
+        map: BorrowedFd<'_>,
+        chunk: usize,
+        expect: usize,
+    ) -> io::Result<Vec<(K, V)>> {
+        let mut out = Vec::with_capacity(expect.max(self.last_whole + self.last_whole / 8));
         self.read_into(&mut out, map, None, chunk, usize::MAX)?;
         self.last_whole = out.len();
         Ok(out)

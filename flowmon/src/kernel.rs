@@ -275,6 +275,15 @@ impl Kernel {
         })
     }
 
+    /// Entries the flow table holds at most (`--max-flows`, or the pinned
+    /// table's size).
+    pub fn capacity(&self) -> u32 {
+        match self.ebpf.map(FLOWS_MAP) {
+            Some(aya::maps::Map::LruHashMap(data)) => data.info().map_or(0, |i| i.max_entries()),
+            _ => 0,
+        }
+    }
+
     /// The interfaces attached so far.
     pub fn attached(&self) -> &[Attached] {
         &self.attached
@@ -590,9 +599,14 @@ impl Kernel {
     /// Every entry of the flow table, read in batches of 4096 entries per
     /// syscall where the kernel supports it (5.6+), else key by key.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
+        self.flows_expecting(0)
+    }
+
+    /// [`Kernel::flows`], reserving room for `expect` entries up front.
+    pub fn flows_expecting(&self, expect: usize) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
         let fd = self.flows_fd()?;
         let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        match reader.read_all(fd, 4096) {
+        match reader.read_all(fd, 4096, expect) {
             Ok(v) => Ok(v),
             Err(e)
                 if matches!(

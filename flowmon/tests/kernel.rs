@@ -621,25 +621,27 @@ fn routine_packets_are_timed_by_the_calibrated_jiffies_clock() {
     let d = v.dir[DIR_B_TO_A];
     assert!(t0 <= d.first_syn_ns && d.first_data_ns <= t1, "{d:?}");
     assert_eq!(d.last_ns, d.first_data_ns);
-    // Routine data segments over a few ticks: last_ns follows the clock to
-    // within a tick (and the calibration's reading gap), never backwards.
+    // Routine data segments over a few ticks: last_ns follows the clock,
+    // behind it by at most a tick plus however late the tick interrupt ran
+    // (two ticks' slack for a busy VM), never ahead, never backwards.
     let mut last = d.last_ns;
     let mut moved = 0;
-    let until = monotonic_ns() + 6 * ticks.tick_ns;
-    while monotonic_ns() < until {
+    let give_up = monotonic_ns() + 2_000_000_000;
+    while moved < 4 && monotonic_ns() < give_up {
+        let before = monotonic_ns();
         tc(&k, &data, 0);
         let after = monotonic_ns();
         let l = only_flow(&k).1.dir[DIR_B_TO_A].last_ns;
         assert!(l >= last, "last_ns went back from {last} to {l}");
         assert!(
-            l <= after + 100_000 && l + ticks.tick_ns + 1_000_000 >= after,
-            "last_ns {l} vs clock {after}, tick {}",
+            l <= after + 200_000 && l + 3 * ticks.tick_ns >= before,
+            "last_ns {l} vs clock {before}..{after}, tick {}",
             ticks.tick_ns
         );
         moved += u32::from(l > last);
         last = l;
     }
-    assert!(moved >= 4, "last_ns advanced {moved} times in 6 ticks");
+    assert_eq!(moved, 4, "last_ns advanced with the ticks");
     assert_eq!(
         only_flow(&k).1.dir[DIR_B_TO_A].first_data_ns,
         d.first_data_ns
