@@ -135,14 +135,55 @@ fn frames() -> [(&'static str, &'static [u8]); 4] {
 /// Batches per program and frame in the kernel section.
 const ROUNDS: usize = 7;
 
+/// SYNs that each create an entry, per table size.
+const NEW_CONNECTIONS: u32 = 20_000;
+
+/// Nanoseconds of one run of `prog` on `frame` (the kernel times the run
+/// on its own; the timer's overhead is the same for any program, and
+/// cancels in a difference).
+fn ns_once(prog: &aya::programs::Xdp, frame: &[u8]) -> f64 {
+    use aya::programs::TestRun as _;
+    prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        ..Default::default()
+    })
+    .expect("test run")
+    .duration
+    .as_nanos() as f64
+}
+
+/// A connection's first packet, which creates its entry. For each of
+/// [`NEW_CONNECTIONS`] SYNs of connections not in the table: a run through
+/// the pass-through, one through flowmon's XDP program (creating the entry),
+/// and one more (the entry now there, a retransmitted SYN). A run on its own
+/// starts with caches the syscall cooled, unlike the repeated batches above,
+/// so the figures are medians of per-SYN differences: (first SYN minus
+/// pass-through, first SYN minus the second).
+fn new_connection_overhead(k: &mut Kernel) -> (f64, f64) {
+    let server = ip("10.0.0.1");
+    k.baselines().expect("baselines");
+    let mut over = Vec::new();
+    let mut creation = Vec::new();
+    for i in 0..NEW_CONNECTIONS {
+        let client = IpAddr::from([12, 0, (i / 50_000) as u8, 1]);
+        let f = Frame::tcp(client, 1024 + (i % 50_000) as u16, server, 80, TCP_SYN).build();
+        let pass = ns_once(k.pass_xdp(), &f);
+        let first = ns_once(k.xdp(), &f);
+        let again = ns_once(k.xdp(), &f);
+        over.push(first - pass);
+        creation.push(first - again);
+    }
+    (median(over), median(creation))
+}
+
 fn kernel_cost(sizes: &[u32], repeat: u32) {
     println!(
         "\n## 1. Kernel cost per packet (BPF_PROG_TEST_RUN, ns, fastest of {ROUNDS} interleaved batches of {repeat} runs)\n"
     );
     println!(
-        "| flows in table | XDP pass | XDP data | XDP SYN | XDP FIN | XDP RST | TC pass | TC data | TC SYN/FIN/RST avg | overhead XDP data | overhead XDP flags (avg) | overhead TC data |"
+        "| flows in table | XDP pass | XDP data | XDP SYN | XDP FIN | XDP RST | TC pass | TC data | TC SYN/FIN/RST avg | overhead XDP data | overhead XDP flags (avg) | overhead TC data | overhead XDP new connection, run once (cold) | of which creating the entry |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let frames = frames();
     for &n in sizes {
         let mut k = loaded(n);
@@ -164,8 +205,9 @@ fn kernel_cost(sizes: &[u32], repeat: u32) {
         }
         let flags_x = (xdp[1] + xdp[2] + xdp[3]) / 3.0;
         let flags_t = (tc[1] + tc[2] + tc[3]) / 3.0;
+        let (new_conn, creation) = new_connection_overhead(&mut k);
         println!(
-            "| {n} | {pass_x:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {pass_t:.0} | {:.0} | {flags_t:.0} | **{:.0}** | **{:.0}** | **{:.0}** |",
+            "| {n} | {pass_x:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {pass_t:.0} | {:.0} | {flags_t:.0} | **{:.0}** | **{:.0}** | **{:.0}** | {new_conn:.0} | {creation:.0} |",
             xdp[0],
             xdp[1],
             xdp[2],

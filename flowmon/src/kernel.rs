@@ -483,6 +483,14 @@ impl Kernel {
             .expect("TC program in the object")
     }
 
+    /// The do-nothing XDP program, once [`Kernel::baselines`] loaded it.
+    pub fn pass_xdp(&self) -> &Xdp {
+        self.ebpf
+            .program(PASS_XDP_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("pass-through XDP program in the object")
+    }
+
     /// Loads the do-nothing baseline programs (benchmarks only) and returns them.
     pub fn baselines(&mut self) -> Result<(&Xdp, &SchedClassifier), KernelError> {
         let xdp: &mut Xdp = self.program_mut(PASS_XDP_PROGRAM)?;
