@@ -30,12 +30,22 @@ const CLT_ADDR: &str = "10.252.0.2";
 const SRV_ADDR: &str = "10.252.0.1";
 
 /// What the capture holds.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Sent {
     packets: u64,
     syn: u64,
     fin: u64,
     rst: u64,
+}
+
+impl Sent {
+    /// Counts one TCP segment with `flags`.
+    fn add(&mut self, flags: u8) {
+        self.packets += 1;
+        self.syn += u64::from(flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
+        self.fin += u64::from(flags & TCP_FIN != 0);
+        self.rst += u64::from(flags & TCP_RST != 0);
+    }
 }
 
 fn sh(args: &[&str]) {
@@ -116,12 +126,7 @@ fn write_capture(path: &Path, conns: u32) -> Sent {
     use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
     let file = std::fs::File::create(path).unwrap();
     let mut w = PcapWriter::with_header(file, PcapHeader::default()).unwrap();
-    let mut sent = Sent {
-        packets: 0,
-        syn: 0,
-        fin: 0,
-        rst: 0,
-    };
+    let mut sent = Sent::default();
     let srv: IpAddr = "10.253.0.1".parse().unwrap();
     let mut t = 0u64;
     for block in (0..conns).collect::<Vec<_>>().chunks(64) {
@@ -168,10 +173,7 @@ fn write_capture(path: &Path, conns: u32) -> Sent {
                     &f,
                 ))
                 .unwrap();
-                sent.packets += 1;
-                sent.syn += u64::from(flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
-                sent.fin += u64::from(flags & TCP_FIN != 0);
-                sent.rst += u64::from(flags & TCP_RST != 0);
+                sent.add(flags);
             }
         }
     }
@@ -682,12 +684,7 @@ fn count_capture(path: &Path) -> Sent {
     use flowmon_common::parse::{Parsed, TcpSegment, parse_ethernet};
     use pcap_file::pcap::PcapReader;
     let mut r = PcapReader::new(std::fs::File::open(path).unwrap()).unwrap();
-    let mut sent = Sent {
-        packets: 0,
-        syn: 0,
-        fin: 0,
-        rst: 0,
-    };
+    let mut sent = Sent::default();
     while let Some(p) = r.next_packet() {
         let p = p.unwrap();
         let mut seg = TcpSegment::default();
@@ -695,10 +692,7 @@ fn count_capture(path: &Path) -> Sent {
             continue;
         }
         let flags = seg.flags as u8;
-        sent.packets += 1;
-        sent.syn += u64::from(flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
-        sent.fin += u64::from(flags & TCP_FIN != 0);
-        sent.rst += u64::from(flags & TCP_RST != 0);
+        sent.add(flags);
     }
     sent
 }
