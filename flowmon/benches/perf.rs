@@ -86,16 +86,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Nanoseconds per run of `prog` on `frame`, one batch of `repeat` runs.
-fn ns_per_packet<
-    P: aya::programs::TestRun<
-            Opts<'static> = TestRunOptions<'static>,
+fn ns_per_packet<P>(prog: &P, frame: &[u8], repeat: u32) -> f64
+where
+    P: for<'a> aya::programs::TestRun<
+            Opts<'a> = TestRunOptions<'a>,
             Result = aya::programs::TestRunResult,
         >,
->(
-    prog: &P,
-    frame: &'static [u8],
-    repeat: u32,
-) -> f64 {
+{
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(frame),
@@ -138,20 +135,6 @@ const ROUNDS: usize = 7;
 /// SYNs that each create an entry, per table size.
 const NEW_CONNECTIONS: u32 = 20_000;
 
-/// Nanoseconds of one run of `prog` on `frame` (the kernel times the run
-/// on its own; the timer's overhead is the same for any program, and
-/// cancels in a difference).
-fn ns_once(prog: &aya::programs::Xdp, frame: &[u8]) -> f64 {
-    use aya::programs::TestRun as _;
-    prog.test_run(TestRunOptions {
-        data_in: Some(frame),
-        ..Default::default()
-    })
-    .expect("test run")
-    .duration
-    .as_nanos() as f64
-}
-
 /// A connection's first packet, which creates its entry. For each of
 /// [`NEW_CONNECTIONS`] SYNs of connections not in the table: a run through
 /// the pass-through, one through flowmon's XDP program (creating the entry),
@@ -167,9 +150,11 @@ fn new_connection_overhead(k: &mut Kernel) -> (f64, f64) {
     for i in 0..NEW_CONNECTIONS {
         let client = IpAddr::from([12, 0, (i / 50_000) as u8, 1]);
         let f = Frame::tcp(client, 1024 + (i % 50_000) as u16, server, 80, TCP_SYN).build();
-        let pass = ns_once(k.pass_xdp(), &f);
-        let first = ns_once(k.xdp(), &f);
-        let again = ns_once(k.xdp(), &f);
+        // One run each: the kernel times it on its own, and the timer's
+        // overhead, the same for any program, cancels in a difference.
+        let pass = ns_per_packet(k.pass_xdp(), &f, 1);
+        let first = ns_per_packet(k.xdp(), &f, 1);
+        let again = ns_per_packet(k.xdp(), &f, 1);
         over.push(first - pass);
         creation.push(first - again);
     }

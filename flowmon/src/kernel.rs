@@ -165,6 +165,8 @@ pub struct Kernel {
     pinned_links: Vec<PinnedLink>,
     /// The flow table's batch read buffers, kept from poll to poll.
     reader: std::sync::Mutex<crate::bpfsys::BatchReader<FlowKey, FlowValue>>,
+    /// The flow table's maximum entries.
+    capacity: u32,
 }
 
 impl Kernel {
@@ -219,6 +221,11 @@ impl Kernel {
             .take_map(DIRTY_MAP)
             .and_then(|m| RingBuf::try_from(m).ok())
             .ok_or(KernelError::MapMissing { map: DIRTY_MAP })?;
+        // Fixed once the map exists (a pinned table keeps its own size).
+        let capacity = match ebpf.map(FLOWS_MAP) {
+            Some(aya::maps::Map::LruHashMap(data)) => data.info().map_or(0, |i| i.max_entries()),
+            _ => 0,
+        };
         let mut kernel = Self {
             ebpf,
             closed,
@@ -229,6 +236,7 @@ impl Kernel {
             resumed,
             pinned_links: Vec::new(),
             reader: Default::default(),
+            capacity,
         };
         if resumed {
             // Keep what the earlier agent recorded (its removals).
@@ -278,10 +286,7 @@ impl Kernel {
     /// Entries the flow table holds at most (`--max-flows`, or the pinned
     /// table's size).
     pub fn capacity(&self) -> u32 {
-        match self.ebpf.map(FLOWS_MAP) {
-            Some(aya::maps::Map::LruHashMap(data)) => data.info().map_or(0, |i| i.max_entries()),
-            _ => 0,
-        }
+        self.capacity
     }
 
     /// The interfaces attached so far.
@@ -467,28 +472,30 @@ impl Kernel {
             .ok_or(KernelError::MapMissing { map: name })
     }
 
+    /// A program compiled into the object, by name and type.
+    fn program<'a, T>(&'a self, name: &'static str) -> &'a T
+    where
+        &'a T: TryFrom<&'a aya::programs::Program>,
+    {
+        self.ebpf
+            .program(name)
+            .and_then(|p| p.try_into().ok())
+            .unwrap_or_else(|| panic!("{name} is compiled into the object"))
+    }
+
     /// The XDP program, for `BPF_PROG_TEST_RUN`.
     pub fn xdp(&self) -> &Xdp {
-        self.ebpf
-            .program(XDP_PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .expect("XDP program in the object")
+        self.program(XDP_PROGRAM)
     }
 
     /// The TC program, for `BPF_PROG_TEST_RUN`.
     pub fn tc(&self) -> &SchedClassifier {
-        self.ebpf
-            .program(TC_PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .expect("TC program in the object")
+        self.program(TC_PROGRAM)
     }
 
     /// The do-nothing XDP program, once [`Kernel::baselines`] loaded it.
     pub fn pass_xdp(&self) -> &Xdp {
-        self.ebpf
-            .program(PASS_XDP_PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .expect("pass-through XDP program in the object")
+        self.program(PASS_XDP_PROGRAM)
     }
 
     /// Loads the do-nothing baseline programs (benchmarks only) and returns them.
@@ -503,17 +510,7 @@ impl Kernel {
             tc.load()
                 .map_err(|e| KernelError::Load(aya::EbpfError::ProgramError(e)))?;
         }
-        let x = self
-            .ebpf
-            .program(PASS_XDP_PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded above");
-        let t = self
-            .ebpf
-            .program(PASS_TC_PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded above");
-        Ok((x, t))
+        Ok((self.pass_xdp(), self.program(PASS_TC_PROGRAM)))
     }
 
     /// Inserts an entry from user space (benchmarks fill the table this way).
