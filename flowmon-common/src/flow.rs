@@ -190,6 +190,50 @@ pub struct RetiredFlow {
 }
 const _: () = assert!(core::mem::size_of::<RetiredFlow>() == 256);
 
+/// Connections the agent takes out of the table per run of the take
+/// program: one `BPF_PROG_TEST_RUN` (repeated this many times) instead of a
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` syscall each.
+pub const TAKE_BATCH: usize = 512;
+
+/// [`TakeSlot::status`] as the agent leaves it: the program did not get to it.
+pub const TAKE_PENDING: u32 = 0;
+/// No entry under the key.
+pub const TAKE_ABSENT: u32 = 1;
+/// The entry under the key is a later connection (the kernel retired the one
+/// the agent saw): left in place.
+pub const TAKE_REPLACED: u32 = 2;
+/// Copied into [`TakeSlot::value`] and deleted.
+pub const TAKE_REMOVED: u32 = 3;
+/// Copied, but gone before the delete (evicted meanwhile): the copy is all
+/// there is of it.
+pub const TAKE_GONE: u32 = 4;
+
+/// One connection to take out of the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TakeSlot {
+    pub key: FlowKey,
+    /// One of the `TAKE_*` constants, written by the program.
+    pub status: u32,
+    /// `dir[d].first_ns` as the agent read them: an entry whose first times
+    /// differ (where these are not 0) is a later connection on the tuple.
+    pub seen_first_ns: [u64; 2],
+    pub value: FlowValue,
+}
+const _: () = assert!(core::mem::size_of::<TakeSlot>() == 272);
+
+/// The one value of the TAKE array map, shared with the agent through
+/// `mmap`: the agent writes keys and `count`, runs the take program `count`
+/// times, each run takes slot `next` and advances it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TakeBatch {
+    pub next: u32,
+    pub count: u32,
+    pub slots: [TakeSlot; TAKE_BATCH],
+}
+const _: () = assert!(core::mem::size_of::<TakeBatch>() == 8 + 272 * TAKE_BATCH);
+
 /// Bytes of the DIRTY ring buffer: 4 MiB, about 80,000 keys (44 bytes plus
 /// an 8-byte record header, rounded to 8) changed per poll before the agent
 /// falls back to reading the whole table.

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::flow::{Config, FAMILY_IPV4, FlowKey, FlowValue};
+use crate::flow::{Config, FAMILY_IPV4, FlowKey, FlowValue, TakeBatch};
 
 // Safety: plain repr(C) structs of integers and byte arrays, padding fields
 // explicit, so every bit pattern is valid and there are no hidden bytes.
@@ -11,6 +11,9 @@ unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowValue {}
 // Safety: as above.
 unsafe impl aya::Pod for Config {}
+// Safety: as above (`next` and `count` fill the 8 bytes before the
+// 8-aligned slots).
+unsafe impl aya::Pod for TakeBatch {}
 
 impl FlowKey {
     fn ip(&self, raw: &[u8; 16]) -> IpAddr {

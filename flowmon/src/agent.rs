@@ -4,18 +4,18 @@
 //! # Read and remove without losing or doubling a count
 //! A poll first reads every entry, then decides from that copy which
 //! connections are finished. Packets keep arriving in between, so the copy
-//! is never what gets reported: each finished entry is removed with
-//! `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which returns the value as of the
-//! deletion, atomically with it. Every packet counted before the deletion is
-//! in that value; a packet after it finds no entry and starts a new one,
-//! which a later poll reports on its own. Nothing is counted in two records,
-//! and nothing falls between them. Connections the kernel itself retired (a
-//! new SYN on their tuple) arrive through the CLOSED ring buffer, and were
-//! replaced in the table in the same program run, so they too are whole.
-//! When that retirement happens between the read and the take, the take
-//! returns the new connection instead; the agent sees its first-packet time
-//! differ from the one it classified and puts it back (merging any entry that
-//! started in the meantime).
+//! is never what gets reported: the finished entries are taken out of the
+//! table by the `flowmon_take` program (run through `BPF_PROG_TEST_RUN`, a
+//! batch of 512 per syscall), which copies each value and deletes it at
+//! once, as `BPF_MAP_LOOKUP_AND_DELETE_ELEM` would. Every packet counted
+//! before the take is in that value; a packet after it finds no entry and
+//! starts a new one, which a later poll reports on its own. Nothing is
+//! counted in two records, and nothing falls between them. Connections the
+//! kernel itself retired (a new SYN on their tuple) arrive through the
+//! CLOSED ring buffer, and were replaced in the table in the same program
+//! run, so they too are whole. When that retirement happens between the
+//! read and the take, the take finds first-packet times that differ from
+//! the ones read and leaves the new connection in place.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -30,7 +30,7 @@ use rustc_hash::FxHashSet;
 
 use crate::{
     close::{Close, Timeouts},
-    kernel::{Kernel, KernelError},
+    kernel::{Kernel, KernelError, Taken},
     model::Conn,
     record::{self, ConnRecord},
     summary::{Clock, Poll, Tracker},
@@ -93,6 +93,8 @@ pub struct Agent {
     dirty_lost: u64,
     /// Polls that read only part of the table.
     pub partial_polls: u64,
+    /// The connections a poll takes out of the table (kept for its buffer).
+    due: Vec<(FlowKey, FlowValue)>,
 }
 
 /// What one poll read.
@@ -124,6 +126,7 @@ impl Agent {
             closing: FxHashSet::default(),
             dirty_lost: 0,
             partial_polls: 0,
+            due: Vec::new(),
         }
     }
 
@@ -148,21 +151,14 @@ impl Agent {
         // What stays is what was read, less what is taken: kept in place
         // rather than copied out entry by entry.
         let mut live = read.entries;
-        let mut failed = None;
+        let mut due = std::mem::take(&mut self.due);
         live.retain(|&(k, v)| {
-            if failed.is_some() {
-                return true;
-            }
             let conn = Conn::new(k, v);
             let (close, _) = conn.classify(now_ns, &self.timeouts);
             let silent = Duration::from_nanos(now_ns.saturating_sub(conn.last_ns()));
             if flush || is_due(close, silent, &self.timeouts) {
-                match self.take_finished(&k, &conn) {
-                    Ok(Some(latest)) => ended.push((k, latest)),
-                    Ok(None) => {}
-                    Err(e) => failed = Some(e),
-                }
-                return failed.is_some();
+                due.push((k, v));
+                return false;
             }
             if close.is_final() {
                 // Due once the linger passes, packets or not: read it
@@ -171,9 +167,10 @@ impl Agent {
             }
             true
         });
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        let taken = self.take_all(&due, &mut ended);
+        due.clear();
+        self.due = due;
+        taken?;
         let removed = std::mem::take(&mut self.removed);
         self.kernel.add_agent_removed(removed)?;
         let ifaces = self
@@ -306,6 +303,12 @@ impl Agent {
         Ok(())
     }
 
+    /// Whether polls list the connections that changed ([`Poll::changed`]):
+    /// only per-poll output needs them.
+    pub fn list_changed(&mut self, on: bool) {
+        self.tracker.skip_changed = !on;
+    }
+
     /// The recently finished connections, oldest first.
     pub fn recent(&self) -> impl Iterator<Item = &ConnRecord> {
         self.recent.iter()
@@ -323,24 +326,40 @@ impl Agent {
 
     /// Removes the finished connection `seen` (read earlier from the table)
     /// and returns its final value. `None` if it is gone, or if the kernel
-    /// retired it in the meantime because a new SYN reached its tuple: then
-    /// what the take returned is the new connection, which is put back (the
-    /// retired one arrives through the ring buffer).
+    /// retired it in the meantime because a new SYN reached its tuple: the
+    /// new connection then stays in the table (the retired one arrives
+    /// through the ring buffer).
     pub fn take_finished(
         &mut self,
         key: &FlowKey,
-        seen: &Conn,
+        seen: &FlowValue,
     ) -> Result<Option<FlowValue>, KernelError> {
-        let Some(latest) = self.kernel.take_flow(key)? else {
-            return Ok(None);
-        };
-        if Conn::new(*key, latest).first_ns() == seen.first_ns() {
-            self.removed += 1;
-            return Ok(Some(latest));
+        let mut ended = Vec::new();
+        self.take_all(&[(*key, *seen)], &mut ended)?;
+        Ok(ended.pop().map(|(_, v)| v))
+    }
+
+    /// Takes the finished connections `seen` out of the table; their final
+    /// values go to `ended`.
+    fn take_all(
+        &mut self,
+        seen: &[(FlowKey, FlowValue)],
+        ended: &mut Vec<(FlowKey, FlowValue)>,
+    ) -> Result<(), KernelError> {
+        let taken = self.kernel.take_flows(seen)?;
+        for (&(key, _), t) in seen.iter().zip(taken) {
+            match t {
+                Taken::Removed(v) => {
+                    self.removed += 1;
+                    ended.push((key, v));
+                }
+                Taken::Gone(v) => ended.push((key, v)),
+                // Still in the table, but not in this poll's live list.
+                Taken::Replaced => self.kept.push(key),
+                Taken::Absent => {}
+            }
         }
-        self.kernel.restore_flow(key, latest)?;
-        self.kept.push(*key);
-        Ok(None)
+        Ok(())
     }
 
     /// What queries see: the recently finished connections, then every

@@ -55,41 +55,6 @@ pub fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_NOEXIST: u64 = 1;
-
-/// Inserts `key` only if absent: `Ok(false)` when it already exists.
-pub fn insert_new<K: aya::Pod, V: aya::Pod>(
-    map: BorrowedFd<'_>,
-    key: &K,
-    value: &V,
-) -> io::Result<bool> {
-    let attr = ElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: (key as *const K).addr() as u64,
-        value: (value as *const V).addr() as u64,
-        flags: BPF_NOEXIST,
-    };
-    // Safety: `attr` points to a live key and value of the map's types.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
-            &raw const attr,
-            size_of::<ElemAttr>() as u32,
-        )
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EEXIST) => Ok(false),
-        _ => Err(e),
-    }
-}
-
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// The `batch` member of `union bpf_attr`.
@@ -227,5 +192,59 @@ impl<K: aya::Pod, V: aya::Pod> BatchReader<K, V> {
                 return Ok(Some(cursor[0]));
             }
         }
+    }
+}
+
+/// The value of a one-entry array map created with `BPF_F_MMAPABLE`, mapped
+/// into this process: read and written in place, without a syscall.
+pub struct Mapped<T> {
+    ptr: std::ptr::NonNull<T>,
+    len: usize,
+}
+
+// Safety: the mapping is owned by this value and only reached through
+// `&mut self` (or `&self` for reads), like a `Box<T>`.
+unsafe impl<T: Send> Send for Mapped<T> {}
+
+impl<T: aya::Pod> Mapped<T> {
+    /// Maps the value of the array map `map`, whose value type is `T`.
+    pub fn new(map: BorrowedFd<'_>) -> io::Result<Self> {
+        // Safety: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = size_of::<T>().div_ceil(page) * page;
+        // Safety: a fresh shared mapping of the map's data, which the kernel
+        // page-aligns and sizes to whole pages; nothing else aliases it here.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<T>()).ok_or(io::ErrorKind::Other)?;
+        Ok(Self { ptr, len })
+    }
+
+    /// The value. BPF programs change it only while this process runs them
+    /// through a syscall: take a fresh reference after each such call, and
+    /// hold none across it.
+    pub fn get_mut(&mut self) -> &mut T {
+        // Safety: mapped for at least size_of::<T>() bytes, page-aligned, T
+        // is Pod (valid for any bytes), and `&mut self` makes this the only
+        // reference.
+        unsafe { self.ptr.as_mut() }
+    }
+}
+
+impl<T> Drop for Mapped<T> {
+    fn drop(&mut self) {
+        // Safety: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }

@@ -11,13 +11,16 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc,
     },
 };
 use flowmon_common::{
-    flow::{CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, RetiredFlow},
+    flow::{
+        CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, RetiredFlow, TAKE_ABSENT,
+        TAKE_BATCH, TAKE_GONE, TAKE_PENDING, TAKE_REMOVED, TAKE_REPLACED, TakeBatch,
+    },
     stats::STAT_COUNT,
 };
 
@@ -33,11 +36,14 @@ pub const PASS_XDP_PROGRAM: &str = "flowmon_pass_xdp";
 /// Reads jiffies and the clock together, to calibrate the coarse clock.
 pub const CLOCK_PROGRAM: &str = "flowmon_clock";
 pub const PASS_TC_PROGRAM: &str = "flowmon_pass_tc";
+/// Takes finished connections out of the flow table, a batch per test run.
+const TAKE_PROGRAM: &str = "flowmon_take";
 const FLOWS_MAP: &str = "FLOWS";
 const STATS_MAP: &str = "STATS";
 const CONFIG_MAP: &str = "CONFIG";
 const CLOSED_MAP: &str = "CLOSED";
 const DIRTY_MAP: &str = "DIRTY";
+const TAKE_MAP: &str = "TAKE";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -58,6 +64,12 @@ pub enum KernelError {
     Attach {
         what: &'static str,
         iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("running {program} failed")]
+    TestRun {
+        program: &'static str,
         #[source]
         source: ProgramError,
     },
@@ -167,6 +179,23 @@ pub struct Kernel {
     reader: std::sync::Mutex<crate::bpfsys::BatchReader<FlowKey, FlowValue>>,
     /// The flow table's maximum entries.
     capacity: u32,
+    /// The take program's batch, mapped here.
+    take: std::sync::Mutex<crate::bpfsys::Mapped<TakeBatch>>,
+}
+
+/// What [`Kernel::take_flows`] found under one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// No entry.
+    Absent,
+    /// A later connection on the tuple (the one read was retired to the
+    /// CLOSED ring): left in the table.
+    Replaced,
+    /// The final value, removed from the table.
+    Removed(FlowValue),
+    /// The final value, but the entry was gone before the delete (evicted):
+    /// the agent did not remove it.
+    Gone(FlowValue),
 }
 
 impl Kernel {
@@ -202,7 +231,7 @@ impl Kernel {
             }
             (_, e) => KernelError::Load(e),
         })?;
-        for name in [XDP_PROGRAM, TC_PROGRAM] {
+        for name in [XDP_PROGRAM, TC_PROGRAM, TAKE_PROGRAM] {
             let prog = ebpf
                 .program_mut(name)
                 .expect("program compiled into the object");
@@ -221,6 +250,17 @@ impl Kernel {
             .take_map(DIRTY_MAP)
             .and_then(|m| RingBuf::try_from(m).ok())
             .ok_or(KernelError::MapMissing { map: DIRTY_MAP })?;
+        let take = match ebpf.map(TAKE_MAP) {
+            Some(aya::maps::Map::Array(data)) => crate::bpfsys::Mapped::new(
+                std::os::fd::AsFd::as_fd(data.fd()),
+            )
+            .map_err(|source| KernelError::Syscall {
+                call: "mmap",
+                map: TAKE_MAP,
+                source,
+            })?,
+            _ => return Err(KernelError::MapMissing { map: TAKE_MAP }),
+        };
         // Fixed once the map exists (a pinned table keeps its own size).
         let capacity = match ebpf.map(FLOWS_MAP) {
             Some(aya::maps::Map::LruHashMap(data)) => data.info().map_or(0, |i| i.max_entries()),
@@ -237,6 +277,7 @@ impl Kernel {
             pinned_links: Vec::new(),
             reader: Default::default(),
             capacity,
+            take: std::sync::Mutex::new(take),
         };
         if resumed {
             // Keep what the earlier agent recorded (its removals).
@@ -652,6 +693,8 @@ impl Kernel {
 
     /// Removes the entry for `key` and returns its final value, atomically
     /// (see [`crate::bpfsys::lookup_and_delete`]); `None` if it is gone.
+    /// One syscall per entry: the agent takes batches with
+    /// [`Kernel::take_flows`]; tests and benchmarks use this one.
     pub fn take_flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, KernelError> {
         let fd = self.flows_fd()?;
         crate::bpfsys::lookup_and_delete(fd, key).map_err(|source| KernelError::Syscall {
@@ -661,28 +704,61 @@ impl Kernel {
         })
     }
 
-    /// Puts `value` back under `key` after a [`Kernel::take_flow`] removed the
-    /// wrong lifetime. Packets that arrived in between started a new entry;
-    /// it is taken and merged in, until the insert lands in an empty slot.
-    pub fn restore_flow(&self, key: &FlowKey, mut value: FlowValue) -> Result<(), KernelError> {
-        let fd = self.flows_fd()?;
-        loop {
-            match crate::bpfsys::insert_new(fd, key, &value) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {
-                    if let Some(newer) = self.take_flow(key)? {
-                        value.merge(&newer);
+    /// Takes the connections in `seen` (keys and the values read earlier)
+    /// out of the table, [`TAKE_BATCH`] per run of the take program, and
+    /// returns what was found for each, in order. An entry whose first
+    /// times differ from the ones read is a later connection: it stays.
+    pub fn take_flows(&self, seen: &[(FlowKey, FlowValue)]) -> Result<Vec<Taken>, KernelError> {
+        let prog: &SchedClassifier = self.program(TAKE_PROGRAM);
+        let mut mapped = self.take.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(seen.len());
+        for chunk in seen.chunks(TAKE_BATCH) {
+            let batch = mapped.get_mut();
+            batch.next = 0;
+            batch.count = chunk.len() as u32;
+            for (slot, (key, value)) in batch.slots.iter_mut().zip(chunk) {
+                slot.key = *key;
+                slot.status = TAKE_PENDING;
+                slot.seen_first_ns = [value.dir[0].first_ns, value.dir[1].first_ns];
+            }
+            // A test run stops early when a signal is pending; the program's
+            // cursor says where it got to. No reference into the mapping
+            // is held across a run, which writes it.
+            loop {
+                let left = {
+                    let b = mapped.get_mut();
+                    b.count - b.next
+                };
+                if left == 0 {
+                    break;
+                }
+                let run = prog.test_run(TestRunOptions {
+                    data_in: Some(&[0u8; 64]),
+                    repeat: left,
+                    ..Default::default()
+                });
+                if let Err(source) = run {
+                    let b = mapped.get_mut();
+                    if b.count - b.next == left {
+                        return Err(KernelError::TestRun {
+                            program: TAKE_PROGRAM,
+                            source,
+                        });
                     }
                 }
-                Err(source) => {
-                    return Err(KernelError::Syscall {
-                        call: "BPF_MAP_UPDATE_ELEM",
-                        map: FLOWS_MAP,
-                        source,
-                    });
-                }
             }
+            let batch = mapped.get_mut();
+            out.extend(batch.slots[..chunk.len()].iter().map(|s| match s.status {
+                TAKE_REMOVED => Taken::Removed(s.value),
+                TAKE_GONE => Taken::Gone(s.value),
+                TAKE_REPLACED => Taken::Replaced,
+                st => {
+                    debug_assert!(st == TAKE_ABSENT, "take status {st}");
+                    Taken::Absent
+                }
+            }));
         }
+        Ok(out)
     }
 
     /// The poll epoch the programs mark changed connections with (0:

@@ -261,28 +261,49 @@ fn start(m: Monitor, dir: &Path) -> Running {
     let child = match m {
         Monitor::None => None,
         Monitor::Flowmon | Monitor::FlowmonGeneric => {
-            let c = in_ns(
-                SRV_NS,
-                &[
-                    env!("CARGO_BIN_EXE_flowmon"),
-                    "run",
-                    "--xdp-mode",
-                    if m == Monitor::Flowmon {
-                        "native"
-                    } else {
-                        "generic"
-                    },
-                    "--iface",
-                    SRV_IF,
-                    "--quiet",
-                    "--no-history",
-                    "--socket",
-                    &s("api.sock"),
-                ],
-            )
-            .stderr(log(dir, "flowmon"))
-            .spawn()
-            .unwrap();
+            let sock = s("api.sock");
+            // FLOWMON_BENCH_PROFILE=DIR records each agent under `perf
+            // record` into DIR, for finding where its time goes (its CPU
+            // figures then include perf's).
+            static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let profile = std::env::var("FLOWMON_BENCH_PROFILE").ok().map(|d| {
+                let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("{d}/flowmon-{n}.perf")
+            });
+            let mut argv: Vec<&str> = Vec::new();
+            if let Some(out) = &profile {
+                argv.extend([
+                    "perf",
+                    "record",
+                    "-F",
+                    "2000",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-o",
+                    out,
+                    "--",
+                ]);
+            }
+            argv.extend([
+                env!("CARGO_BIN_EXE_flowmon"),
+                "run",
+                "--xdp-mode",
+                if m == Monitor::Flowmon {
+                    "native"
+                } else {
+                    "generic"
+                },
+                "--iface",
+                SRV_IF,
+                "--quiet",
+                "--no-history",
+                "--socket",
+                &sock,
+            ]);
+            let c = in_ns(SRV_NS, &argv)
+                .stderr(log(dir, "flowmon"))
+                .spawn()
+                .unwrap();
             wait_for_line(dir, "flowmon", "answering queries");
             Some(c)
         }
