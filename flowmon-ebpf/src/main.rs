@@ -324,8 +324,9 @@ pub fn flowmon_tc(ctx: TcContext) -> i32 {
 ///
 /// The copy and the delete are as close as in `BPF_MAP_LOOKUP_AND_DELETE_ELEM`
 /// (which copies under the bucket lock that packet programs do not take):
-/// a packet is lost only if another CPU counts it in the few nanoseconds
-/// between the two.
+/// only a packet another CPU handles in the few nanoseconds between the two
+/// can go uncounted, or, if it is a SYN that retires the connection, be
+/// taken with it.
 #[classifier]
 pub fn flowmon_take(_ctx: TcContext) -> i32 {
     let Some(batch) = TAKE.get_ptr_mut(0) else {

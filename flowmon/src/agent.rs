@@ -71,8 +71,9 @@ pub struct Agent {
     recent: VecDeque<ConnRecord>,
     /// How many finished connections `recent` keeps.
     pub keep: usize,
-    /// Entries this poll put back (a new connection taken in place of a
-    /// retired one): still in the table, but not in this poll's live list.
+    /// Entries this poll meant to take but left (a new connection in place
+    /// of a retired one): still in the table, but not in this poll's live
+    /// list.
     kept: Vec<FlowKey>,
     /// Evicted connections reported (the rest of the kernel's evictions
     /// came and went between two polls, unseen).

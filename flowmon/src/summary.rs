@@ -209,8 +209,8 @@ impl Tracker {
 
     /// Builds a poll from the live entries and the connections that ended
     /// since the previous poll (`ended`, removed or retired). `kept` are
-    /// entries in the table this poll does not see as live (the agent put
-    /// them back while taking another): remembered as they were, not evicted.
+    /// entries in the table this poll does not see as live (the agent left
+    /// them in place of a take): remembered as they were, not evicted.
     /// `removed` is how many entries the agent has deleted since load.
     #[allow(clippy::too_many_arguments)]
     pub fn poll(
@@ -665,7 +665,7 @@ mod tests {
         let mut tr = Tracker::default();
         let (a, b, c) = (flow(40000, 3, 2), flow(40001, 4, 1), flow(40002, 1, 0));
         tr.poll(&[a, b, c], &[], &[], totals(3), vec![], 0, 0);
-        // `a` ended (removed by the agent), `b` was put back by a take and is
+        // `a` ended (removed by the agent), `b` was left by a take and is
         // not in the live list, `c` vanished: only `c` was evicted.
         let p = tr.poll(&[], &[a], &[b.0], totals(3), vec![], 1000, 1);
         assert_eq!(p.vanished.len(), 1);
