@@ -200,7 +200,8 @@ pub const TAKE_PENDING: u32 = 0;
 /// No entry under the key.
 pub const TAKE_ABSENT: u32 = 1;
 /// The entry under the key is a later connection (the kernel retired the one
-/// the agent saw): left in place.
+/// the agent saw), or has counted a SYN since the agent read it (which may
+/// make it one): left in place, for the next poll to look at again.
 pub const TAKE_REPLACED: u32 = 2;
 /// Copied into [`TakeSlot::value`] and deleted.
 pub const TAKE_REMOVED: u32 = 3;
@@ -218,9 +219,12 @@ pub struct TakeSlot {
     /// `dir[d].first_ns` as the agent read them: an entry whose first times
     /// differ (where these are not 0) is a later connection on the tuple.
     pub seen_first_ns: [u64; 2],
+    /// SYNs (without ACK) of both directions as the agent read them.
+    pub seen_syn: u32,
+    pub _pad: u32,
     pub value: FlowValue,
 }
-const _: () = assert!(core::mem::size_of::<TakeSlot>() == 272);
+const _: () = assert!(core::mem::size_of::<TakeSlot>() == 280);
 
 /// The one value of the TAKE array map, shared with the agent through
 /// `mmap`: the agent writes keys and `count`, runs the take program `count`
@@ -232,7 +236,7 @@ pub struct TakeBatch {
     pub count: u32,
     pub slots: [TakeSlot; TAKE_BATCH],
 }
-const _: () = assert!(core::mem::size_of::<TakeBatch>() == 8 + 272 * TAKE_BATCH);
+const _: () = assert!(core::mem::size_of::<TakeBatch>() == 8 + 280 * TAKE_BATCH);
 
 /// Bytes of the DIRTY ring buffer: 4 MiB, about 80,000 keys (44 bytes plus
 /// an 8-byte record header, rounded to 8) changed per poll before the agent

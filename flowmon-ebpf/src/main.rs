@@ -363,6 +363,9 @@ unsafe fn take(slot: *mut TakeSlot) -> u32 {
             }
             d += 1;
         }
+        if (*live).dir[0].syn + (*live).dir[1].syn != (*slot).seen_syn {
+            return TAKE_REPLACED;
+        }
         copy_value(live, &raw mut (*slot).value);
         if FLOWS.remove(key).is_ok() {
             TAKE_REMOVED

@@ -16,6 +16,11 @@
 //! run, so they too are whole. When that retirement happens between the
 //! read and the take, the take finds first-packet times that differ from
 //! the ones read and leaves the new connection in place.
+//!
+//! A connection whose class is final is taken at the first poll that sees
+//! it so, not when its linger has passed: the agent holds it meanwhile
+//! ([`crate::linger`]) and merges trailing packets into it, so it is read
+//! once rather than at every poll of the wait.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -31,14 +36,15 @@ use rustc_hash::FxHashSet;
 use crate::{
     close::{Close, Timeouts},
     kernel::{Kernel, KernelError, Taken},
+    linger::{Held, Route},
     model::Conn,
     record::{self, ConnRecord},
     summary::{Clock, Poll, Tracker},
 };
 
 /// Whether a connection in class `close`, silent for `silent`, should be
-/// reported and removed now. Closed connections wait out the linger, so
-/// trailing ACKs and RSTs are counted in them and do not start new entries.
+/// reported now. Closed connections wait out the linger (held by the agent),
+/// so trailing ACKs and RSTs are counted in them.
 pub fn is_due(close: Close, silent: Duration, t: &Timeouts) -> bool {
     match close {
         Close::Fin | Close::FinRst | Close::Rst | Close::Refused | Close::OrphanRst => {
@@ -56,7 +62,8 @@ pub struct PollResult {
     pub poll: Poll,
     /// Connections finished and removed in this poll, oldest first.
     pub closed: Vec<ConnRecord>,
-    /// The entries still in the table.
+    /// The connections not yet reported: the entries in the table, and
+    /// those held through their linger.
     pub live: Vec<(FlowKey, FlowValue)>,
 }
 
@@ -88,14 +95,16 @@ pub struct Agent {
     pub sweep_polls: u32,
     /// Where the sweep goes on next poll.
     cursor: Option<u64>,
-    /// Connections in a final class waiting out their linger.
-    closing: FxHashSet<FlowKey>,
     /// The kernel's count of announcements it had no room for, as last seen.
     dirty_lost: u64,
     /// Polls that read only part of the table.
     pub partial_polls: u64,
-    /// The connections a poll takes out of the table (kept for its buffer).
+    /// The connections a poll takes out of the table, and whether each is
+    /// to be held (kept for their buffers).
     due: Vec<(FlowKey, FlowValue)>,
+    hold: Vec<bool>,
+    /// Finished connections taken out of the table, waiting out their linger.
+    held: Held,
 }
 
 /// What one poll read.
@@ -124,10 +133,11 @@ impl Agent {
             full_scan_limit: FULL_SCAN_LIMIT,
             sweep_polls: 30,
             cursor: None,
-            closing: FxHashSet::default(),
             dirty_lost: 0,
             partial_polls: 0,
             due: Vec::new(),
+            hold: Vec::new(),
+            held: Held::default(),
         }
     }
 
@@ -147,31 +157,75 @@ impl Agent {
         // is in the table or was removed) are at worst undercounted for one
         // poll, never overcounted, and a monotonic counter stays exact.
         let totals = self.kernel.stats()?;
-        let mut ended: Vec<(FlowKey, FlowValue)> = self.kernel.drain_retired()?;
+        let mut ended: Vec<(FlowKey, FlowValue)> = Vec::new();
+        for (k, v) in self.kernel.drain_retired()? {
+            // Retired means a new SYN reached the tuple: a held connection
+            // there is over, with what the retired entry counted after it
+            // (unless that entry is a whole connection of its own).
+            match self.held.route(&k, &v) {
+                Route::Own => ended.push((k, v)),
+                Route::Trailing => {
+                    self.held.hold(k, v);
+                    ended.extend(self.held.end(&k));
+                }
+                Route::Successor => {
+                    ended.extend(self.held.end(&k));
+                    ended.push((k, v));
+                }
+            }
+        }
         let read = self.read(&totals, flush)?;
         // What stays is what was read, less what is taken: kept in place
         // rather than copied out entry by entry.
         let mut live = read.entries;
         let mut due = std::mem::take(&mut self.due);
+        let mut hold = std::mem::take(&mut self.hold);
+        let mut succeeded = Vec::new();
         live.retain(|&(k, v)| {
+            match self.held.route(&k, &v) {
+                Route::Own => {}
+                Route::Trailing => {
+                    due.push((k, v));
+                    hold.push(true);
+                    return false;
+                }
+                Route::Successor => succeeded.push(k),
+            }
             let conn = Conn::new(k, v);
             let (close, _) = conn.classify(now_ns, &self.timeouts);
             let silent = Duration::from_nanos(now_ns.saturating_sub(conn.last_ns()));
             if flush || is_due(close, silent, &self.timeouts) {
                 due.push((k, v));
+                hold.push(false);
                 return false;
             }
             if close.is_final() {
-                // Due once the linger passes, packets or not: read it
-                // again next poll.
-                self.closing.insert(k);
+                // Final, waiting out the linger: held in the agent, not read
+                // again each poll.
+                due.push((k, v));
+                hold.push(true);
+                return false;
             }
             true
         });
-        let taken = self.take_all(&due, &mut ended);
+        // Before the take: a successor that is itself final is held next.
+        for k in succeeded {
+            ended.extend(self.held.end(&k));
+        }
+        let taken = self.take_all(&due, &hold, &mut ended);
         due.clear();
-        self.due = due;
+        hold.clear();
+        (self.due, self.hold) = (due, hold);
         taken?;
+        self.held
+            .end_due(now_ns, self.timeouts.linger, flush, &mut ended);
+        // Held connections count as in the table: those that changed (just
+        // taken, or merged into) as read, the rest as known to be there,
+        // which costs the tracker less than comparing their counts.
+        let mut unchanged = Vec::new();
+        self.held.split(&mut live, &mut unchanged);
+        let mut kept = std::mem::take(&mut self.kept);
+        kept.extend(unchanged.iter().map(|(k, _)| *k));
         let removed = std::mem::take(&mut self.removed);
         self.kernel.add_agent_removed(removed)?;
         let ifaces = self
@@ -180,27 +234,30 @@ impl Agent {
             .iter()
             .map(|a| a.iface.clone())
             .collect();
-        let kept = std::mem::take(&mut self.kept);
+        // Held connections were removed from the table but are counted in
+        // it here: evictions are what the kernel created and neither holds
+        // nor had removed.
+        let removed_total = self
+            .kernel
+            .agent_removed()
+            .saturating_sub(self.held.len() as u64);
         let poll = match read.part {
-            None => self.tracker.poll(
-                &live,
-                &ended,
-                &kept,
-                totals,
-                ifaces,
-                unix_ms,
-                self.kernel.agent_removed(),
-            ),
+            None => self
+                .tracker
+                .poll(&live, &ended, &kept, totals, ifaces, unix_ms, removed_total),
             Some(cycle_done) => self.tracker.poll_part(
                 &live,
                 &ended,
+                &kept,
                 cycle_done,
                 totals,
                 ifaces,
                 unix_ms,
-                self.kernel.agent_removed(),
+                removed_total,
             ),
         };
+        // Exporters see every connection not yet reported.
+        live.extend(unchanged);
         self.choose_mode()?;
         let mut closed = record::build(ended, names, now_ns, &self.timeouts, clock.offset_ns);
         let evicted = record::build(
@@ -222,8 +279,8 @@ impl Agent {
     }
 
     /// What this poll reads: the whole table, or (in incremental mode) the
-    /// connections announced on the DIRTY ring since the last poll, those
-    /// waiting out their linger, and the next slice of the sweep.
+    /// connections announced on the DIRTY ring since the last poll and the
+    /// next slice of the sweep.
     fn read(
         &mut self,
         totals: &[u64; STAT_COUNT as usize],
@@ -239,7 +296,6 @@ impl Agent {
                     .set_epoch(self.kernel.epoch().wrapping_add(1).max(1))?;
                 self.kernel.drain_dirty();
             }
-            self.closing.clear();
             self.cursor = None;
             return Ok(Read {
                 entries: self.kernel.flows_expecting(self.expected(totals))?,
@@ -251,7 +307,6 @@ impl Agent {
         self.kernel
             .set_epoch(self.kernel.epoch().wrapping_add(1).max(1))?;
         let mut keys: FxHashSet<FlowKey> = self.kernel.drain_dirty().into_iter().collect();
-        keys.extend(self.closing.drain());
         // A key costs a syscall, a batch read about a tenth of one per entry:
         // when much of a big table changed, reading all of it is cheaper.
         if keys.len() > 4096 && keys.len() > self.tracker.tracked() / 8 {
@@ -299,7 +354,6 @@ impl Agent {
         } else if self.kernel.epoch() != 0 && tracked <= self.full_scan_limit / 2 {
             self.kernel.set_epoch(0)?;
             self.kernel.drain_dirty();
-            self.closing.clear();
         }
         Ok(())
     }
@@ -336,28 +390,37 @@ impl Agent {
         seen: &FlowValue,
     ) -> Result<Option<FlowValue>, KernelError> {
         let mut ended = Vec::new();
-        self.take_all(&[(*key, *seen)], &mut ended)?;
+        self.take_all(&[(*key, *seen)], &[false], &mut ended)?;
         Ok(ended.pop().map(|(_, v)| v))
     }
 
     /// Takes the finished connections `seen` out of the table; their final
-    /// values go to `ended`.
+    /// values go to `ended`, or (where `hold` says so) to the held ones.
     fn take_all(
         &mut self,
         seen: &[(FlowKey, FlowValue)],
+        hold: &[bool],
         ended: &mut Vec<(FlowKey, FlowValue)>,
     ) -> Result<(), KernelError> {
         let taken = self.kernel.take_flows(seen)?;
-        for (&(key, _), t) in seen.iter().zip(taken) {
-            match t {
+        for (i, (&(key, _), t)) in seen.iter().zip(taken).enumerate() {
+            let value = match t {
                 Taken::Removed(v) => {
                     self.removed += 1;
-                    ended.push((key, v));
+                    v
                 }
-                Taken::Gone(v) => ended.push((key, v)),
+                Taken::Gone(v) => v,
                 // Still in the table, but not in this poll's live list.
-                Taken::Replaced => self.kept.push(key),
-                Taken::Absent => {}
+                Taken::Replaced => {
+                    self.kept.push(key);
+                    continue;
+                }
+                Taken::Absent => continue,
+            };
+            if hold.get(i) == Some(&true) {
+                self.held.hold(key, value);
+            } else {
+                ended.push((key, value));
             }
         }
         Ok(())
@@ -374,14 +437,17 @@ impl Agent {
         Ok(self.recent.iter().cloned().chain(live).collect())
     }
 
-    /// Every connection in the table, classified as of `now_ns`.
+    /// Every connection in the table or held through its linger,
+    /// classified as of `now_ns`.
     pub fn live_records(
         &self,
         now_ns: u64,
         names: &HashMap<u32, String>,
     ) -> Result<Vec<ConnRecord>, KernelError> {
+        let mut flows = self.kernel.flows()?;
+        self.held.add_to(&mut flows);
         Ok(record::build(
-            self.kernel.flows()?,
+            flows,
             names,
             now_ns,
             &self.timeouts,

@@ -189,7 +189,7 @@ pub enum Taken {
     /// No entry.
     Absent,
     /// A later connection on the tuple (the one read was retired to the
-    /// CLOSED ring): left in the table.
+    /// CLOSED ring), or a SYN counted since the read: left in the table.
     Replaced,
     /// The final value, removed from the table.
     Removed(FlowValue),
@@ -707,7 +707,8 @@ impl Kernel {
     /// Takes the connections in `seen` (keys and the values read earlier)
     /// out of the table, [`TAKE_BATCH`] per run of the take program, and
     /// returns what was found for each, in order. An entry whose first
-    /// times differ from the ones read is a later connection: it stays.
+    /// times differ from the ones read is a later connection, and one that
+    /// counted a SYN since may have become one: both stay.
     pub fn take_flows(&self, seen: &[(FlowKey, FlowValue)]) -> Result<Vec<Taken>, KernelError> {
         let prog: &SchedClassifier = self.program(TAKE_PROGRAM);
         let mut mapped = self.take.lock().unwrap_or_else(|e| e.into_inner());
@@ -720,6 +721,7 @@ impl Kernel {
                 slot.key = *key;
                 slot.status = TAKE_PENDING;
                 slot.seen_first_ns = [value.dir[0].first_ns, value.dir[1].first_ns];
+                slot.seen_syn = value.dir[0].syn + value.dir[1].syn;
             }
             // A test run stops early when a signal is pending; the program's
             // cursor says where it got to. No reference into the mapping

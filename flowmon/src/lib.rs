@@ -21,6 +21,7 @@ pub mod iface;
 pub mod interval;
 pub mod ipfix;
 pub mod kernel;
+pub mod linger;
 pub mod metrics;
 pub mod model;
 pub mod offline;

@@ -209,8 +209,9 @@ impl Tracker {
 
     /// Builds a poll from the live entries and the connections that ended
     /// since the previous poll (`ended`, removed or retired). `kept` are
-    /// entries in the table this poll does not see as live (the agent left
-    /// them in place of a take): remembered as they were, not evicted.
+    /// connections this poll does not see as live but knows are there (left
+    /// in place of a take, or held by the agent through their linger):
+    /// remembered as they were, not evicted.
     /// `removed` is how many entries the agent has deleted since load.
     #[allow(clippy::too_many_arguments)]
     pub fn poll(
@@ -230,8 +231,8 @@ impl Tracker {
     }
 
     /// A poll that read part of the table: `live`, the entries read (those
-    /// that changed, those waiting to close, and a slice of the sweep), and
-    /// `ended`. Connections not read are remembered as they were. When
+    /// that changed and a slice of the sweep), `ended`, and `kept` as in
+    /// [`Tracker::poll`]. Connections not read are remembered as they were. When
     /// `cycle_done`, the sweep has just been round the whole table: what it
     /// did not meet, and no packet brought back, is gone without the agent
     /// removing it, so evicted.
@@ -240,13 +241,14 @@ impl Tracker {
         &mut self,
         live: &[(FlowKey, FlowValue)],
         ended: &[(FlowKey, FlowValue)],
+        kept: &[FlowKey],
         cycle_done: bool,
         totals: [u64; STAT_COUNT as usize],
         ifaces: Vec<String>,
         time_unix_ms: u64,
         removed: u64,
     ) -> Poll {
-        let u = self.update(live, ended, &[], cycle_done);
+        let u = self.update(live, ended, kept, cycle_done);
         self.finish(u, totals, ifaces, time_unix_ms, removed)
     }
 

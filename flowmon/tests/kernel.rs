@@ -476,6 +476,179 @@ fn a_poll_takes_finished_connections_in_batches() {
     assert_eq!(agent.kernel.agent_removed(), 1_300);
 }
 
+/// A final connection leaves the table at once and waits out its linger in
+/// the agent: a trailing packet's new entry is merged into it, a SYN on its
+/// tuple starts a new connection (read, or retired by the kernel), and the
+/// counts, the active count and evictions stay as if it had stayed.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn final_connections_are_held_through_their_linger() {
+    use flowmon::{agent::Agent, close::Timeouts};
+    const S: u64 = 1_000_000_000;
+    const MS: u64 = 1_000_000;
+    let (c, s) = (ip("10.5.0.2"), ip("10.5.0.1"));
+    let mut agent = Agent::new(load(), Timeouts::default());
+    let names = std::collections::HashMap::new();
+    let send = |agent: &mut Agent, t: u64, frames: &[Frame]| {
+        agent.kernel.set_clock_override(t).unwrap();
+        for f in frames {
+            xdp(&agent.kernel, &f.build());
+        }
+    };
+    let closed_by_fin = |p: u16| {
+        [
+            Frame::tcp(c, p, s, 80, TCP_SYN),
+            Frame::tcp(s, 80, c, p, TCP_SYN | TCP_ACK),
+            Frame::tcp(c, p, s, 80, TCP_ACK).payload(10),
+            Frame::tcp(s, 80, c, p, TCP_FIN | TCP_ACK),
+            Frame::tcp(c, p, s, 80, TCP_FIN | TCP_ACK),
+        ]
+    };
+    // 7001 closes; the final ACK comes after the poll that takes it.
+    send(&mut agent, S, &closed_by_fin(7001));
+    let p = agent.poll(S + 500 * MS, 1_500, &names, false).unwrap();
+    assert!(p.closed.is_empty());
+    assert_eq!((p.poll.flows_active, p.poll.delta.packets), (1, 5));
+    assert!(agent.kernel.flows().unwrap().is_empty(), "taken at once");
+    send(&mut agent, 2 * S, &[Frame::tcp(s, 80, c, 7001, TCP_ACK)]);
+    // A query sees it whole, the trailing entry merged in.
+    let q = agent.live_records(2 * S, &names).unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].conn.clt().packets + q[0].conn.srv().packets, 6);
+    let p = agent.poll(2 * S + 500 * MS, 2_500, &names, false).unwrap();
+    assert!(p.closed.is_empty(), "the trailing ACK restarted the linger");
+    assert_eq!(
+        (p.poll.flows_active, p.poll.flows_new, p.poll.delta.packets),
+        (1, 0, 1),
+        "the trailing entry is the same connection, not a new one"
+    );
+    let p = agent.poll(4 * S + 100 * MS, 4_100, &names, false).unwrap();
+    assert_eq!(p.closed.len(), 1);
+    let r = &p.closed[0];
+    assert_eq!(
+        (
+            r.close.as_str(),
+            r.conn.clt().packets,
+            r.conn.srv().packets,
+            r.conn.clt().fin,
+            r.conn.srv().fin
+        ),
+        ("fin", 3, 3, 1, 1)
+    );
+    assert_eq!((p.poll.flows_active, p.poll.delta.packets), (0, 0));
+
+    // 7002 closes; before it is reported the client reuses the tuple.
+    send(&mut agent, 10 * S, &closed_by_fin(7002));
+    agent
+        .poll(10 * S + 100 * MS, 10_100, &names, false)
+        .unwrap();
+    send(&mut agent, 11 * S, &[Frame::tcp(c, 7002, s, 80, TCP_SYN)]);
+    let p = agent
+        .poll(11 * S + 100 * MS, 11_100, &names, false)
+        .unwrap();
+    assert_eq!(p.closed.len(), 1, "the held one is over");
+    assert_eq!(
+        p.closed[0].conn.clt().packets + p.closed[0].conn.srv().packets,
+        5
+    );
+    assert_eq!(
+        (p.poll.flows_active, p.poll.flows_new, p.poll.delta.packets),
+        (1, 1, 1),
+        "the SYN is a new connection"
+    );
+    let (_, v) = only_flow(&agent.kernel);
+    assert_eq!(v.dir[DIR_A_TO_B].syn + v.dir[DIR_B_TO_A].syn, 1);
+    // It is refused; a trailing RST after the take, then a SYN again: the
+    // kernel retires the RST's entry, which belongs to the held one.
+    send(
+        &mut agent,
+        12 * S,
+        &[Frame::tcp(s, 80, c, 7002, TCP_RST | TCP_ACK)],
+    );
+    agent
+        .poll(12 * S + 100 * MS, 12_100, &names, false)
+        .unwrap();
+    assert!(agent.kernel.flows().unwrap().is_empty());
+    send(
+        &mut agent,
+        13 * S,
+        &[Frame::tcp(s, 80, c, 7002, TCP_RST | TCP_ACK)],
+    );
+    send(
+        &mut agent,
+        13 * S + MS,
+        &[Frame::tcp(c, 7002, s, 80, TCP_SYN)],
+    );
+    let p = agent
+        .poll(13 * S + 100 * MS, 13_100, &names, false)
+        .unwrap();
+    assert_eq!(p.closed.len(), 1);
+    let r = &p.closed[0];
+    assert_eq!(
+        (r.close.as_str(), r.conn.clt().syn, r.conn.srv().rst),
+        ("refused", 1, 2),
+        "the retired RST merged into the held connection"
+    );
+    assert_eq!((p.poll.flows_active, p.poll.flows_evicted), (1, 0));
+    // 7003 is held; a whole refused connection on its tuple comes and goes
+    // before the next poll, which holds it too, apart.
+    send(&mut agent, 20 * S, &closed_by_fin(7003));
+    agent
+        .poll(20 * S + 100 * MS, 20_100, &names, false)
+        .unwrap();
+    send(
+        &mut agent,
+        21 * S,
+        &[
+            Frame::tcp(c, 7003, s, 80, TCP_SYN),
+            Frame::tcp(s, 80, c, 7003, TCP_RST | TCP_ACK),
+        ],
+    );
+    let p = agent
+        .poll(21 * S + 100 * MS, 21_100, &names, false)
+        .unwrap();
+    assert_eq!(
+        p.closed
+            .iter()
+            .map(|r| (
+                r.conn.client().1,
+                r.close.as_str(),
+                r.conn.clt().packets + r.conn.srv().packets
+            ))
+            .collect::<Vec<_>>(),
+        [(7003, "fin", 5)]
+    );
+    assert_eq!(p.poll.flows_active, 2, "7002's successor, and 7003's held");
+    let p = agent
+        .poll(23 * S + 200 * MS, 23_200, &names, false)
+        .unwrap();
+    assert_eq!(
+        p.closed
+            .iter()
+            .map(|r| (
+                r.conn.client().1,
+                r.close.as_str(),
+                r.conn.clt().packets + r.conn.srv().packets
+            ))
+            .collect::<Vec<_>>(),
+        [(7002, "unanswered", 1), (7003, "refused", 2)]
+    );
+    assert_eq!((p.poll.flows_active, p.poll.flows_evicted), (0, 0));
+    // On exit, held connections are reported with the rest.
+    send(&mut agent, 30 * S, &closed_by_fin(7004));
+    agent
+        .poll(30 * S + 100 * MS, 30_100, &names, false)
+        .unwrap();
+    let p = agent.poll(30 * S + 200 * MS, 30_200, &names, true).unwrap();
+    assert_eq!(p.closed.len(), 1);
+    assert_eq!(
+        (p.closed[0].conn.client().1, p.closed[0].close.as_str()),
+        (7004, "fin")
+    );
+    assert_eq!((p.poll.flows_active, p.poll.flows_evicted), (0, 0));
+    assert!(agent.kernel.flows().unwrap().is_empty());
+}
+
 /// A fixed-seed xorshift: the same "random" flips on every run.
 struct Rng(u64);
 

@@ -1,0 +1,225 @@
+//! Finished connections the agent has taken out of the kernel table and
+//! holds while they wait out their linger.
+//!
+//! A connection whose class is final (FIN both ways, RST, refused) is
+//! reported only once it has been silent for `--linger`, so that trailing
+//! ACKs and RSTs are counted in it. Left in the table, it was read again by
+//! every poll of that wait (three reads for a 2 s linger at 1 s polls, most
+//! of a busy agent's work). It is taken at the first poll that sees it
+//! final instead, and held here. A trailing packet after the take finds no
+//! entry and starts one; the next poll reads that entry, takes it and merges
+//! it into the held connection, whose linger starts over, as it would have
+//! in the table. An entry with a SYN (no ACK) is a new connection on the
+//! tuple, as the kernel decides when it retires a finished entry: the held
+//! one is then over, and the new one is left alone.
+
+use std::time::Duration;
+
+use flowmon_common::flow::{FlowKey, FlowValue};
+use rustc_hash::FxHashMap;
+
+use crate::model::Conn;
+
+/// What an entry read from the kernel, under a key, is to the held ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// No connection is held on its tuple.
+    Own,
+    /// Trailing packets of the held connection: merge them in.
+    Trailing,
+    /// A new connection on the held one's tuple: the held one is over.
+    Successor,
+}
+
+/// The held connections, by key, each with whether it was added or merged
+/// into since the last [`Held::split`].
+#[derive(Default)]
+pub struct Held {
+    conns: FxHashMap<FlowKey, (FlowValue, bool)>,
+}
+
+impl Held {
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// What the entry `value`, read under `key`, is.
+    pub fn route(&self, key: &FlowKey, value: &FlowValue) -> Route {
+        if !self.conns.contains_key(key) {
+            Route::Own
+        } else if value.dir[0].syn + value.dir[1].syn > 0 {
+            Route::Successor
+        } else {
+            Route::Trailing
+        }
+    }
+
+    /// Holds a connection just taken out of the table.
+    pub fn hold(&mut self, key: FlowKey, value: FlowValue) {
+        match self.conns.get_mut(&key) {
+            Some((v, touched)) => {
+                v.merge(&value);
+                *touched = true;
+            }
+            None => {
+                self.conns.insert(key, (value, true));
+            }
+        }
+    }
+
+    /// Ends the held connection on `key`, if any, and returns it.
+    pub fn end(&mut self, key: &FlowKey) -> Option<(FlowKey, FlowValue)> {
+        self.conns.remove_entry(key).map(|(k, (v, _))| (k, v))
+    }
+
+    /// Moves to `out` the connections silent for `linger` as of `now_ns`
+    /// (all of them when `flush`).
+    pub fn end_due(
+        &mut self,
+        now_ns: u64,
+        linger: Duration,
+        flush: bool,
+        out: &mut Vec<(FlowKey, FlowValue)>,
+    ) {
+        let linger = linger.as_nanos() as u64;
+        self.conns.retain(|k, (v, _)| {
+            let silent = now_ns.saturating_sub(Conn::new(*k, *v).last_ns());
+            let due = flush || silent >= linger;
+            if due {
+                out.push((*k, *v));
+            }
+            !due
+        });
+    }
+
+    /// Splits the held connections for this poll's accounting: those added
+    /// or merged into since the last call go to `changed`, the others to
+    /// `unchanged`.
+    pub fn split(
+        &mut self,
+        changed: &mut Vec<(FlowKey, FlowValue)>,
+        unchanged: &mut Vec<(FlowKey, FlowValue)>,
+    ) {
+        for (k, (v, touched)) in &mut self.conns {
+            let to = if std::mem::take(touched) {
+                &mut *changed
+            } else {
+                &mut *unchanged
+            };
+            to.push((*k, *v));
+        }
+    }
+
+    /// Adds the held connections to `table` (entries read from the kernel),
+    /// each merged with its trailing entry there: what a query shows.
+    pub fn add_to(&self, table: &mut Vec<(FlowKey, FlowValue)>) {
+        let mut held: FxHashMap<FlowKey, FlowValue> =
+            self.conns.iter().map(|(k, (v, _))| (*k, *v)).collect();
+        table.retain(|(k, v)| match self.route(k, v) {
+            Route::Trailing => {
+                if let Some(h) = held.get_mut(k) {
+                    h.merge(v);
+                }
+                false
+            }
+            Route::Own | Route::Successor => true,
+        });
+        table.extend(held);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            port_a: port,
+            ..FlowKey::default()
+        }
+    }
+
+    fn value(packets: u64, last_ns: u64, syn: u32) -> FlowValue {
+        let mut v = FlowValue::default();
+        v.dir[0].packets = packets;
+        v.dir[0].first_ns = 1;
+        v.dir[0].last_ns = last_ns;
+        v.dir[0].syn = syn;
+        v
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn trailing_packets_merge_and_restart_the_linger() {
+        let mut h = Held::default();
+        h.hold(key(1), value(4, S, 0));
+        assert_eq!(h.route(&key(2), &value(1, S, 0)), Route::Own);
+        assert_eq!(h.route(&key(1), &value(1, 2 * S, 0)), Route::Trailing);
+        h.hold(key(1), value(1, 2 * S, 0));
+        let mut out = Vec::new();
+        h.end_due(3 * S + S / 2, Duration::from_secs(2), false, &mut out);
+        assert!(out.is_empty(), "silent 1.5 s since the trailing packet");
+        h.end_due(4 * S, Duration::from_secs(2), false, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].1.dir[0].packets, out[0].1.dir[0].last_ns),
+            (5, 2 * S)
+        );
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_syn_is_a_new_connection() {
+        let mut h = Held::default();
+        h.hold(key(1), value(4, S, 1));
+        assert_eq!(h.route(&key(1), &value(1, 2 * S, 1)), Route::Successor);
+        assert_eq!(h.end(&key(1)).map(|(_, v)| v.dir[0].packets), Some(4));
+        assert_eq!(h.route(&key(1), &value(1, 2 * S, 1)), Route::Own);
+    }
+
+    #[test]
+    fn queries_see_a_held_connection_with_its_trailing_entry() {
+        let mut h = Held::default();
+        h.hold(key(1), value(4, S, 0));
+        let mut table = vec![(key(1), value(1, 2 * S, 0)), (key(2), value(3, S, 1))];
+        h.add_to(&mut table);
+        table.sort_by_key(|(k, _)| k.port_a);
+        assert_eq!(
+            table
+                .iter()
+                .map(|(k, v)| (k.port_a, v.dir[0].packets))
+                .collect::<Vec<_>>(),
+            [(1, 5), (2, 3)]
+        );
+    }
+
+    #[test]
+    fn split_tells_changed_from_unchanged_once() {
+        let mut h = Held::default();
+        h.hold(key(1), value(4, S, 0));
+        h.hold(key(2), value(4, S, 0));
+        let (mut changed, mut unchanged) = (Vec::new(), Vec::new());
+        h.split(&mut changed, &mut unchanged);
+        assert_eq!((changed.len(), unchanged.len()), (2, 0));
+        h.hold(key(2), value(1, 2 * S, 0));
+        let (mut changed, mut unchanged) = (Vec::new(), Vec::new());
+        h.split(&mut changed, &mut unchanged);
+        assert_eq!(
+            changed,
+            [(key(2), {
+                let mut v = value(4, S, 0);
+                v.merge(&value(1, 2 * S, 0));
+                v
+            })]
+        );
+        assert_eq!(unchanged, [(key(1), value(4, S, 0))]);
+        let mut out = Vec::new();
+        h.end_due(0, Duration::ZERO, true, &mut out);
+        assert_eq!(out.len(), 2, "a flush ends them all");
+    }
+}
