@@ -348,15 +348,18 @@ fn main() {
         kernel_cost(sizes, repeat);
         return;
     }
+    let live = || {
+        if quick {
+            live::live(20_000, &[50_000, 0], 5_000);
+        } else {
+            live::live(50_000, &[50_000, 100_000, 200_000, 0], 20_000);
+        }
+    };
     if args.iter().any(|a| a == "--live-only") {
-        live::live(20_000, &[50_000, 0], 5_000);
+        live();
         return;
     }
     kernel_cost(sizes, repeat);
     agent_cost_and_memory(agent_sizes);
-    if quick {
-        live::live(20_000, &[50_000, 0], 5_000);
-    } else {
-        live::live(50_000, &[50_000, 100_000, 200_000, 0], 20_000);
-    }
+    live();
 }

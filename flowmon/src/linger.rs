@@ -32,24 +32,29 @@ pub enum Route {
 }
 
 /// The held connections, by key, each with whether it was added or merged
-/// into since the last [`Held::split`].
+/// into since the last [`Held::split`]. The values live in a slab, the map
+/// holds indices: connections come and go every poll, and the map's
+/// periodic rehash (clearing the tombstones of removed keys) moved whole
+/// 256-byte entries.
 #[derive(Default)]
 pub struct Held {
-    conns: FxHashMap<FlowKey, (FlowValue, bool)>,
+    index: FxHashMap<FlowKey, u32>,
+    slab: Vec<(FlowValue, bool)>,
+    free: Vec<u32>,
 }
 
 impl Held {
     pub fn len(&self) -> usize {
-        self.conns.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
+        self.index.is_empty()
     }
 
     /// What the entry `value`, read under `key`, is.
     pub fn route(&self, key: &FlowKey, value: &FlowValue) -> Route {
-        if !self.conns.contains_key(key) {
+        if !self.index.contains_key(key) {
             Route::Own
         } else if value.dir[0].syn + value.dir[1].syn > 0 {
             Route::Successor
@@ -60,20 +65,30 @@ impl Held {
 
     /// Holds a connection just taken out of the table.
     pub fn hold(&mut self, key: FlowKey, value: FlowValue) {
-        match self.conns.get_mut(&key) {
-            Some((v, touched)) => {
-                v.merge(&value);
-                *touched = true;
+        if let Some(&i) = self.index.get(&key) {
+            let (v, touched) = &mut self.slab[i as usize];
+            v.merge(&value);
+            *touched = true;
+            return;
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = (value, true);
+                i
             }
             None => {
-                self.conns.insert(key, (value, true));
+                self.slab.push((value, true));
+                (self.slab.len() - 1) as u32
             }
-        }
+        };
+        self.index.insert(key, i);
     }
 
     /// Ends the held connection on `key`, if any, and returns it.
     pub fn end(&mut self, key: &FlowKey) -> Option<(FlowKey, FlowValue)> {
-        self.conns.remove_entry(key).map(|(k, (v, _))| (k, v))
+        let (k, i) = self.index.remove_entry(key)?;
+        self.free.push(i);
+        Some((k, self.slab[i as usize].0))
     }
 
     /// Moves to `out` the connections silent for `linger` as of `now_ns`
@@ -86,11 +101,14 @@ impl Held {
         out: &mut Vec<(FlowKey, FlowValue)>,
     ) {
         let linger = linger.as_nanos() as u64;
-        self.conns.retain(|k, (v, _)| {
-            let silent = now_ns.saturating_sub(Conn::new(*k, *v).last_ns());
+        let (slab, free) = (&self.slab, &mut self.free);
+        self.index.retain(|k, i| {
+            let v = slab[*i as usize].0;
+            let silent = now_ns.saturating_sub(Conn::new(*k, v).last_ns());
             let due = flush || silent >= linger;
             if due {
-                out.push((*k, *v));
+                out.push((*k, v));
+                free.push(*i);
             }
             !due
         });
@@ -104,7 +122,8 @@ impl Held {
         changed: &mut Vec<(FlowKey, FlowValue)>,
         unchanged: &mut Vec<(FlowKey, FlowValue)>,
     ) {
-        for (k, (v, touched)) in &mut self.conns {
+        for (k, i) in &self.index {
+            let (v, touched) = &mut self.slab[*i as usize];
             let to = if std::mem::take(touched) {
                 &mut *changed
             } else {
@@ -117,8 +136,11 @@ impl Held {
     /// Adds the held connections to `table` (entries read from the kernel),
     /// each merged with its trailing entry there: what a query shows.
     pub fn add_to(&self, table: &mut Vec<(FlowKey, FlowValue)>) {
-        let mut held: FxHashMap<FlowKey, FlowValue> =
-            self.conns.iter().map(|(k, (v, _))| (*k, *v)).collect();
+        let mut held: FxHashMap<FlowKey, FlowValue> = self
+            .index
+            .iter()
+            .map(|(k, i)| (*k, self.slab[*i as usize].0))
+            .collect();
         table.retain(|(k, v)| match self.route(k, v) {
             Route::Trailing => {
                 if let Some(h) = held.get_mut(k) {
@@ -180,6 +202,22 @@ mod tests {
         assert_eq!(h.route(&key(1), &value(1, 2 * S, 1)), Route::Successor);
         assert_eq!(h.end(&key(1)).map(|(_, v)| v.dir[0].packets), Some(4));
         assert_eq!(h.route(&key(1), &value(1, 2 * S, 1)), Route::Own);
+    }
+
+    #[test]
+    fn ended_slots_are_reused() {
+        let mut h = Held::default();
+        for round in 0..3u64 {
+            for p in 0..100 {
+                h.hold(key(p), value(round + 1, S, 0));
+            }
+            let mut out = Vec::new();
+            h.end_due(10 * S, Duration::from_secs(2), false, &mut out);
+            assert_eq!(out.len(), 100);
+            assert!(out.iter().all(|(_, v)| v.dir[0].packets == round + 1));
+        }
+        assert_eq!(h.slab.len(), 100);
+        assert!(h.is_empty());
     }
 
     #[test]

@@ -555,6 +555,7 @@ fn poll_once(
         flush,
     );
     if cfg.quiet {
+        agent.remember(result.closed);
         return Ok(());
     }
     let out = if cfg.json {
@@ -571,6 +572,7 @@ fn poll_once(
         }
         text
     };
+    agent.remember(result.closed);
     let mut stdout = io::stdout().lock();
     stdout
         .write_all(out.as_bytes())
