@@ -105,6 +105,10 @@ pub struct Agent {
     hold: Vec<bool>,
     /// Finished connections taken out of the table, waiting out their linger.
     held: Held,
+    /// Buffers kept from poll to poll: a whole read's result (handed back
+    /// through [`Agent::remember`]), the held connections unchanged.
+    spare: Vec<(FlowKey, FlowValue)>,
+    unchanged: Vec<(FlowKey, FlowValue)>,
 }
 
 /// What one poll read.
@@ -138,6 +142,8 @@ impl Agent {
             due: Vec::new(),
             hold: Vec::new(),
             held: Held::default(),
+            spare: Vec::new(),
+            unchanged: Vec::new(),
         }
     }
 
@@ -222,7 +228,7 @@ impl Agent {
         // Held connections count as in the table: those that changed (just
         // taken, or merged into) as read, the rest as known to be there,
         // which costs the tracker less than comparing their counts.
-        let mut unchanged = Vec::new();
+        let mut unchanged = std::mem::take(&mut self.unchanged);
         self.held.split(&mut live, &mut unchanged);
         let mut kept = std::mem::take(&mut self.kept);
         kept.extend(unchanged.iter().map(|(k, _)| *k));
@@ -257,7 +263,9 @@ impl Agent {
             ),
         };
         // Exporters see every connection not yet reported.
-        live.extend(unchanged);
+        live.extend_from_slice(&unchanged);
+        unchanged.clear();
+        self.unchanged = unchanged;
         self.choose_mode()?;
         let mut closed = record::build(ended, names, now_ns, &self.timeouts, clock.offset_ns);
         let evicted = record::build(
@@ -294,7 +302,9 @@ impl Agent {
             }
             self.cursor = None;
             return Ok(Read {
-                entries: self.kernel.flows_expecting(self.expected(totals))?,
+                entries: self
+                    .kernel
+                    .flows_into(std::mem::take(&mut self.spare), self.expected(totals))?,
                 part: None,
             });
         }
@@ -308,7 +318,9 @@ impl Agent {
         if keys.len() > 4096 && keys.len() > self.tracker.tracked() / 8 {
             self.cursor = None;
             return Ok(Read {
-                entries: self.kernel.flows_expecting(self.expected(totals))?,
+                entries: self
+                    .kernel
+                    .flows_into(std::mem::take(&mut self.spare), self.expected(totals))?,
                 part: None,
             });
         }
@@ -362,10 +374,23 @@ impl Agent {
         self.tracker.skip_changed = !on;
     }
 
-    /// Keeps `closed` (a poll's, once its reports are written) for queries,
-    /// up to [`Agent::keep`] connections: handed back rather than copied
-    /// by the poll, which cost a tenth of it.
-    pub fn remember(&mut self, closed: Vec<ConnRecord>) {
+    /// Keeps a poll's closed connections (once its reports are written) for
+    /// queries, up to [`Agent::keep`]: handed back rather than copied by the
+    /// poll, which cost a tenth of it.
+    pub fn remember(&mut self, result: PollResult) {
+        let PollResult {
+            closed, mut live, ..
+        } = result;
+        // The live list's allocation serves the next whole read.
+        live.clear();
+        self.spare = live;
+        // Room for all of them at once (up to 2^18): growing by doubling
+        // copied every record again at each step (pages are only touched
+        // when written).
+        let room = self.keep.min(1 << 18);
+        if self.recent.capacity() < room {
+            self.recent.reserve_exact(room - self.recent.len());
+        }
         self.recent.extend(closed);
         let over = self.recent.len().saturating_sub(self.keep);
         self.recent.drain(..over);

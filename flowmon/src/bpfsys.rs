@@ -101,13 +101,17 @@ impl<K: aya::Pod, V: aya::Pod> BatchReader<K, V> {
     /// `expect` is how many entries the caller thinks there are: the result
     /// reserves that many, or a little over the last whole read's count, so
     /// a growing table rarely reallocates (and copies) it.
+    /// The result goes into `out` (cleared first), whose allocation a
+    /// caller can hand back from one read to the next.
     pub fn read_all(
         &mut self,
+        mut out: Vec<(K, V)>,
         map: BorrowedFd<'_>,
         chunk: usize,
         expect: usize,
     ) -> io::Result<Vec<(K, V)>> {
-        let mut out = Vec::with_capacity(expect.max(self.last_whole + self.last_whole / 8));
+        out.clear();
+        out.reserve(expect.max(self.last_whole + self.last_whole / 8));
         self.read_into(&mut out, map, None, chunk, usize::MAX)?;
         self.last_whole = out.len();
         Ok(out)

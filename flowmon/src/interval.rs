@@ -127,11 +127,11 @@ impl Intervals {
         let done = self.roll(now_ms);
         for (iface, n) in opened {
             self.opened += n;
-            self.ifaces.entry(iface.clone()).or_default().0 += n;
+            self.iface(iface).0 += n;
         }
         for r in closed {
             self.global.add(r);
-            self.ifaces.entry(r.iface.clone()).or_default().1.add(r);
+            self.iface(&r.iface).1.add(r);
             let (server, port) = r.conn.server();
             if let Some(m) = bounded(&mut self.servers, server) {
                 m.add(r);
@@ -141,6 +141,15 @@ impl Intervals {
             }
         }
         done
+    }
+
+    /// The row of `iface`, the name copied only when it is new (once per
+    /// interface and interval, not once per connection).
+    fn iface(&mut self, iface: &str) -> &mut (u64, Metrics) {
+        if !self.ifaces.contains_key(iface) {
+            self.ifaces.insert(iface.to_string(), Default::default());
+        }
+        self.ifaces.get_mut(iface).expect("inserted above")
     }
 
     /// Closes the current interval if `now_ms` is past it (an interval with

@@ -645,14 +645,19 @@ impl Kernel {
     /// Every entry of the flow table, read in batches of 4096 entries per
     /// syscall where the kernel supports it (5.6+), else key by key.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
-        self.flows_expecting(0)
+        self.flows_into(Vec::new(), 0)
     }
 
-    /// [`Kernel::flows`], reserving room for `expect` entries up front.
-    pub fn flows_expecting(&self, expect: usize) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
+    /// [`Kernel::flows`] into `buf` (its allocation reused), reserving room
+    /// for `expect` entries up front.
+    pub fn flows_into(
+        &self,
+        buf: Vec<(FlowKey, FlowValue)>,
+        expect: usize,
+    ) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
         let fd = self.flows_fd()?;
         let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        match reader.read_all(fd, 4096, expect) {
+        match reader.read_all(buf, fd, 4096, expect) {
             Ok(v) => Ok(v),
             Err(e)
                 if matches!(

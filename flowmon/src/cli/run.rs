@@ -555,7 +555,7 @@ fn poll_once(
         flush,
     );
     if cfg.quiet {
-        agent.remember(result.closed);
+        agent.remember(result);
         return Ok(());
     }
     let out = if cfg.json {
@@ -572,7 +572,7 @@ fn poll_once(
         }
         text
     };
-    agent.remember(result.closed);
+    agent.remember(result);
     let mut stdout = io::stdout().lock();
     stdout
         .write_all(out.as_bytes())
