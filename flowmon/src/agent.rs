@@ -442,9 +442,12 @@ impl Agent {
                     v
                 }
                 Taken::Gone(v) => v,
-                // Still in the table, but not in this poll's live list.
+                // Still in the table, but not in this poll's live list (a
+                // trailing entry's key is accounted as the held one's).
                 Taken::Replaced => {
-                    self.kept.push(key);
+                    if !self.held.contains(&key) {
+                        self.kept.push(key);
+                    }
                     continue;
                 }
                 Taken::Absent => continue,

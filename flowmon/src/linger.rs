@@ -52,9 +52,13 @@ impl Held {
         self.index.is_empty()
     }
 
+    pub fn contains(&self, key: &FlowKey) -> bool {
+        self.index.contains_key(key)
+    }
+
     /// What the entry `value`, read under `key`, is.
     pub fn route(&self, key: &FlowKey, value: &FlowValue) -> Route {
-        if !self.index.contains_key(key) {
+        if !self.contains(key) {
             Route::Own
         } else if value.dir[0].syn + value.dir[1].syn > 0 {
             Route::Successor
