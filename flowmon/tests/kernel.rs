@@ -50,6 +50,15 @@ fn xdp(k: &Kernel, frame: &[u8]) {
     );
 }
 
+/// Runs `frames` through XDP at packet time `t` (the clock override), as an
+/// agent's kernel sees them.
+fn send(agent: &mut flowmon::agent::Agent, t: u64, frames: &[Frame]) {
+    agent.kernel.set_clock_override(t).unwrap();
+    for f in frames {
+        xdp(&agent.kernel, &f.build());
+    }
+}
+
 /// Runs `frame` through the TC program as an skb with `gso_segs` set.
 fn tc(k: &Kernel, frame: &[u8], gso_segs: u32) {
     let mut out = vec![0u8; frame.len() + 256];
@@ -489,12 +498,6 @@ fn final_connections_are_held_through_their_linger() {
     let (c, s) = (ip("10.5.0.2"), ip("10.5.0.1"));
     let mut agent = Agent::new(load(), Timeouts::default());
     let names = std::collections::HashMap::new();
-    let send = |agent: &mut Agent, t: u64, frames: &[Frame]| {
-        agent.kernel.set_clock_override(t).unwrap();
-        for f in frames {
-            xdp(&agent.kernel, &f.build());
-        }
-    };
     let closed_by_fin = |p: u16| {
         [
             Frame::tcp(c, p, s, 80, TCP_SYN),
@@ -753,12 +756,6 @@ fn incremental_polls_read_what_changed_and_sweep_for_the_rest() {
     // Incremental from the first poll on (normally past 65,536 connections).
     agent.full_scan_limit = 0;
     let names = std::collections::HashMap::new();
-    let send = |agent: &mut Agent, t: u64, frames: &[Frame]| {
-        agent.kernel.set_clock_override(t).unwrap();
-        for f in frames {
-            xdp(&agent.kernel, &f.build());
-        }
-    };
     let handshake = |cport: u16| {
         [
             Frame::tcp(c, cport, s, 80, TCP_SYN),
