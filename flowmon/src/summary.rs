@@ -113,6 +113,29 @@ impl Digest {
         }
     }
 
+    /// Whether `later`, read under the same key, must be another entry: a
+    /// counter went down or the first packet moved later, which one entry's
+    /// never do. The kernel evicted this one and the tuple's next packets
+    /// made a new one, all between two polls. An entry with a SYN is left
+    /// out: that is how a retired connection's successor starts, and the
+    /// retired one comes through the ring buffer, maybe only next poll.
+    fn replaced_by(&self, later: &Digest) -> bool {
+        if later.dir[0].syn + later.dir[1].syn > 0 {
+            return false;
+        }
+        let down = |a: &DirDigest, b: &DirDigest| {
+            b.packets < a.packets
+                || b.bytes < a.bytes
+                || b.syn < a.syn
+                || b.synack < a.synack
+                || b.fin < a.fin
+                || b.rst < a.rst
+        };
+        later.first_s > self.first_s
+            || down(&self.dir[0], &later.dir[0])
+            || down(&self.dir[1], &later.dir[1])
+    }
+
     /// The connection as last seen, for reporting it once it is gone: the
     /// counts are exact as of that poll, the times to the second, and the
     /// first flag of each kind is dated at the first packet.
@@ -275,13 +298,20 @@ impl Tracker {
             delta.add(k, v, &Digest::of(v), before.as_ref());
         }
         let mut changed = Vec::new();
+        let mut vanished = Vec::new();
         let mut flows_new = 0;
         for (k, v) in live {
             let now = Digest {
                 seen: self.cycle,
                 ..Digest::of(v)
             };
-            let before = self.prev.insert(*k, now);
+            let mut before = self.prev.insert(*k, now);
+            if let Some(b) = before.filter(|b| b.replaced_by(&now)) {
+                // Evicted, and its tuple in use again: reported as evicted,
+                // the entry now there counted as new.
+                vanished.push((*k, b.value()));
+                before = None;
+            }
             if before.is_none() {
                 flows_new += 1;
                 *opened.entry(k.ifindex).or_default() += 1;
@@ -296,7 +326,6 @@ impl Tracker {
                 d.seen = self.cycle;
             }
         }
-        let mut vanished = Vec::new();
         if cycle_done {
             let cycle = self.cycle;
             self.prev.retain(|k, d| {
@@ -687,6 +716,30 @@ mod tests {
         // `b` is still remembered: its next poll counts only what is new.
         let p = tr.poll(&[b], &[], &[], totals(3), vec![], 2000, 1);
         assert_eq!((p.delta.packets, p.flows_new, p.vanished.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn an_entry_evicted_and_made_again_between_polls_is_reported() {
+        let mut tr = Tracker::default();
+        let a = flow(40000, 5, 4);
+        tr.poll(&[a], &[], &[], totals(1), vec![], 0, 0);
+        // The same tuple, fewer packets and no SYN: another entry (the
+        // tuple's later packets, after an eviction the agent never saw).
+        let mut again = flow(40000, 2, 1);
+        again.1.dir[DIR_B_TO_A].syn = 0;
+        let p = tr.poll(&[again], &[], &[], totals(2), vec![], 1000, 0);
+        assert_eq!(p.vanished.len(), 1);
+        assert_eq!(p.vanished[0].1.dir[DIR_B_TO_A].packets, 5);
+        assert_eq!((p.flows_new, p.delta.packets, p.flows_active), (1, 3, 1));
+        // More packets on the same entry: just a delta.
+        let mut more = flow(40000, 3, 1);
+        more.1.dir[DIR_B_TO_A].syn = 0;
+        let p = tr.poll(&[more], &[], &[], totals(2), vec![], 2000, 0);
+        assert_eq!((p.vanished.len(), p.flows_new, p.delta.packets), (0, 0, 1));
+        // Fewer packets with a SYN: a retired connection's successor, whose
+        // predecessor the ring buffer brings; nothing is reported here.
+        let p = tr.poll(&[flow(40000, 1, 0)], &[], &[], totals(3), vec![], 3000, 0);
+        assert_eq!(p.vanished.len(), 0);
     }
 
     #[test]
