@@ -593,6 +593,19 @@ fn final_connections_are_held_through_their_linger() {
         "the retired RST merged into the held connection"
     );
     assert_eq!((p.poll.flows_active, p.poll.flows_evicted), (1, 0));
+    // Each reported connection: client port, class, packets.
+    let reported = |p: &flowmon::agent::PollResult| -> Vec<(u16, &'static str, u64)> {
+        p.closed
+            .iter()
+            .map(|r| {
+                (
+                    r.conn.client().1,
+                    r.close.as_str(),
+                    r.conn.clt().packets + r.conn.srv().packets,
+                )
+            })
+            .collect()
+    };
     // 7003 is held; a whole refused connection on its tuple comes and goes
     // before the next poll, which holds it too, apart.
     send(&mut agent, 20 * S, &closed_by_fin(7003));
@@ -610,30 +623,13 @@ fn final_connections_are_held_through_their_linger() {
     let p = agent
         .poll(21 * S + 100 * MS, 21_100, &names, false)
         .unwrap();
-    assert_eq!(
-        p.closed
-            .iter()
-            .map(|r| (
-                r.conn.client().1,
-                r.close.as_str(),
-                r.conn.clt().packets + r.conn.srv().packets
-            ))
-            .collect::<Vec<_>>(),
-        [(7003, "fin", 5)]
-    );
+    assert_eq!(reported(&p), [(7003, "fin", 5)]);
     assert_eq!(p.poll.flows_active, 2, "7002's successor, and 7003's held");
     let p = agent
         .poll(23 * S + 200 * MS, 23_200, &names, false)
         .unwrap();
     assert_eq!(
-        p.closed
-            .iter()
-            .map(|r| (
-                r.conn.client().1,
-                r.close.as_str(),
-                r.conn.clt().packets + r.conn.srv().packets
-            ))
-            .collect::<Vec<_>>(),
+        reported(&p),
         [(7002, "unanswered", 1), (7003, "refused", 2)]
     );
     assert_eq!((p.poll.flows_active, p.poll.flows_evicted), (0, 0));
