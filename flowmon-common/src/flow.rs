@@ -46,23 +46,21 @@ const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
 const _: () = assert!(core::mem::offset_of!(FlowKey, addr_b) == 16);
 
 impl FlowKey {
-    /// Writes IPv4 source and destination (side A and B, network byte order)
-    /// and zeroes the rest of both address fields, as four-byte stores: byte
-    /// arrays assigned whole compile to a `memset` call, a loop of one-byte
-    /// stores, in the kernel programs.
+    /// Writes IPv4 source and destination (side A and B, as read from the
+    /// packet: network byte order in memory) and zeroes the rest of both
+    /// address fields, as four-byte stores: byte arrays assigned whole
+    /// compile to a `memset` call, a loop of one-byte stores, in the kernel
+    /// programs.
     #[inline(always)]
-    pub fn set_ipv4(&mut self, src: [u8; 4], dst: [u8; 4]) {
-        let w = self.words_mut();
-        *w = [
-            u32::from_ne_bytes(src),
-            0,
-            0,
-            0,
-            u32::from_ne_bytes(dst),
-            0,
-            0,
-            0,
-        ];
+    pub fn set_ipv4(&mut self, src: u32, dst: u32) {
+        *self.words_mut() = [src, 0, 0, 0, dst, 0, 0, 0];
+    }
+
+    /// Writes both 16-byte addresses (source then destination, as read from
+    /// the packet) as words.
+    #[inline(always)]
+    pub fn set_addrs(&mut self, words: [u32; 8]) {
+        *self.words_mut() = words;
     }
 
     /// Puts the endpoints in canonical order, given a key whose side A holds
@@ -247,8 +245,10 @@ pub const DIRTY_RING_BYTES: u32 = 4 << 20;
 pub const CLOSED_RING_BYTES: u32 = 4096 * 264;
 
 /// Default number of connections the kernel table holds (`--max-flows`).
-/// Memory: 44-byte key + 208-byte value + about 72 bytes of LRU hash element
-/// overhead, so about 324 bytes per connection, 81 MiB at the default.
+/// Memory: a 256-byte slot (44-byte key, padding, 208-byte value) and a
+/// 14th of a 64-byte bucket, for a fifth more ways than connections
+/// ([`crate::table::buckets_for`]), so about 313 bytes per connection,
+/// 78 MiB at the default.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 
 /// Layout of the one-entry CONFIG array map.
@@ -279,8 +279,15 @@ pub struct Config {
     pub jiffies_at: u64,
     /// ... the CLOCK_MONOTONIC time at which jiffies took it.
     pub jiffies_ns: u64,
+    /// The flow table's hash seed ([`crate::table::hash`]), random per
+    /// table: kept with a pinned table, like the entries it placed.
+    pub seed: u64,
+    /// Buckets in the flow table ([`crate::table::buckets_for`]) ...
+    pub buckets: u32,
+    /// ... and the connections it was sized for (`--max-flows`).
+    pub max_flows: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
 
 /// [`Config::flags`] bit that turns on aya-log debug output.
 pub const CONFIG_FLAG_LOG: u32 = 1;

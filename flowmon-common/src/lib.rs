@@ -19,6 +19,7 @@ pub mod craft;
 pub mod flow;
 pub mod parse;
 pub mod stats;
+pub mod table;
 
 #[cfg(feature = "user")]
 pub mod user;

@@ -158,14 +158,17 @@ pub fn parse_l3<P: PacketBytes + ?Sized>(
 
 #[inline(always)]
 fn parse_ipv4<P: PacketBytes + ?Sized>(p: &P, l3: usize, seg: &mut TcpSegment) -> Parsed {
-    let Some(hdr) = p.load::<[u8; 20]>(l3) else {
+    // Whole words: the kernel build then loads the header in five reads, not
+    // twenty byte reads shifted together.
+    let Some(hdr) = p.load::<[u32; 5]>(l3) else {
         return Parsed::Malformed;
     };
-    if hdr[0] >> 4 != 4 {
+    let b = |i: usize| hdr[i / 4].to_ne_bytes()[i % 4];
+    if b(0) >> 4 != 4 {
         return Parsed::Malformed;
     }
-    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
-    let total_len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+    let ihl = ((b(0) & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes([b(2), b(3)]) as usize;
     if ihl < 20 || total_len < ihl {
         return Parsed::Malformed;
     }
@@ -173,19 +176,16 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(p: &P, l3: usize, seg: &mut TcpSegment) -
     if p.load::<u8>(l3 + ihl - 1).is_none() {
         return Parsed::Malformed;
     }
-    let frag_offset = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
+    let frag_offset = u16::from_be_bytes([b(6), b(7)]) & 0x1fff;
     if frag_offset != 0 {
         return Parsed::Fragment;
     }
-    if hdr[9] != IPPROTO_TCP {
+    if b(9) != IPPROTO_TCP {
         return Parsed::NotTcp;
     }
     let k = &mut seg.key;
     k.family = FAMILY_IPV4;
-    k.set_ipv4(
-        [hdr[12], hdr[13], hdr[14], hdr[15]],
-        [hdr[16], hdr[17], hdr[18], hdr[19]],
-    );
+    k.set_ipv4(hdr[3], hdr[4]);
     parse_tcp(p, l3, l3 + ihl, total_len - ihl, total_len, seg)
 }
 
@@ -234,12 +234,11 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(p: &P, l3: usize, seg: &mut TcpSegment) -
     if payload_len < ext_len {
         return Parsed::Malformed;
     }
-    let (Some(src), Some(dst)) = (p.load::<[u8; 16]>(l3 + 8), p.load::<[u8; 16]>(l3 + 24)) else {
+    let Some(addrs) = p.load::<[u32; 8]>(l3 + 8) else {
         return Parsed::Malformed;
     };
     seg.key.family = FAMILY_IPV6;
-    seg.key.addr_a = src;
-    seg.key.addr_b = dst;
+    seg.key.set_addrs(addrs);
     parse_tcp(p, l3, off, payload_len - ext_len, 40 + payload_len, seg)
 }
 
@@ -257,10 +256,13 @@ fn parse_tcp<P: PacketBytes + ?Sized>(
     if l4 > MAX_HEADER_OFFSET {
         return Parsed::Malformed;
     }
-    let Some(tcp) = p.load::<[u8; 14]>(l4) else {
+    // 16 bytes as words (see parse_ipv4); a segment shorter than the 20-byte
+    // header is malformed either way.
+    let Some(words) = p.load::<[u32; 4]>(l4) else {
         return Parsed::Malformed;
     };
-    let doff = ((tcp[12] >> 4) as usize) * 4;
+    let tcp = |i: usize| words[i / 4].to_ne_bytes()[i % 4];
+    let doff = ((tcp(12) >> 4) as usize) * 4;
     if doff < 20 || doff > l4_len {
         return Parsed::Malformed;
     }
@@ -268,12 +270,12 @@ fn parse_tcp<P: PacketBytes + ?Sized>(
     if p.load::<u8>(l4 + doff - 1).is_none() {
         return Parsed::Malformed;
     }
-    let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-    let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let sport = u16::from_be_bytes([tcp(0), tcp(1)]);
+    let dport = u16::from_be_bytes([tcp(2), tcp(3)]);
     seg.key.port_a = sport;
     seg.key.port_b = dport;
     seg.dir = seg.key.canonicalize() as u32;
-    seg.flags = u32::from(tcp[13]);
+    seg.flags = u32::from(tcp(13));
     seg.l3_offset = l3 as u32;
     seg.ip_len = ip_len as u32;
     seg.hdr_len = (l4 - l3 + doff) as u32;

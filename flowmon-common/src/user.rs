@@ -14,6 +14,10 @@ unsafe impl aya::Pod for Config {}
 // Safety: as above (`next` and `count` fill the 8 bytes before the
 // 8-aligned slots).
 unsafe impl aya::Pod for TakeBatch {}
+// Safety: repr(C) plain data, every bit pattern valid, no padding bytes.
+unsafe impl aya::Pod for crate::table::Bucket {}
+// Safety: as above (the padding is an explicit field).
+unsafe impl aya::Pod for crate::table::Slot {}
 
 impl FlowKey {
     fn ip(&self, raw: &[u8; 16]) -> IpAddr {

@@ -12,7 +12,7 @@ use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_UNSPEC, xdp_action::XDP_PASS},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
@@ -20,22 +20,31 @@ use flowmon_common::{
     count::{Clock, record, starts_new_connection},
     flow::{
         CLOSED_RING_BYTES, CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, DIRTY_RING_BYTES, FlowKey,
-        FlowValue, RetiredFlow, TAKE_ABSENT, TAKE_BATCH, TAKE_GONE, TAKE_REMOVED, TAKE_REPLACED,
-        TakeBatch, TakeSlot,
+        FlowValue, RetiredFlow, TAKE_ABSENT, TAKE_BATCH, TAKE_REMOVED, TAKE_REPLACED, TakeBatch,
+        TakeSlot,
     },
     parse::{MAX_HEADER_OFFSET, PacketBytes, Parsed, TcpSegment, parse_ethernet},
     stats::{
         STAT_COUNT, STAT_DIRTY_LOST, STAT_FLOWS_CREATED, STAT_FRAGMENTS, STAT_INSERT_FAILED,
         STAT_MALFORMED, STAT_NON_TCP, STAT_PACKETS, STAT_RETIRED, STAT_SPLIT_FAILED, STAT_TCP,
     },
+    table::{
+        Bucket, Slot, WAYS, bucket_of, bucket2_of, buckets_for, hash, key_eq, last_active, tag_of,
+    },
 };
 
-/// One entry per connection. LRU so that a full table never refuses a new
-/// connection: the least recently active entry makes room, and the agent
-/// notices the disappearance and reports it as evicted. Its size is set at
-/// load time (`--max-flows`).
+/// The flow table (see flowmon_common::table): one way per connection in
+/// buckets of 14. A full bucket makes room by evicting its least recently
+/// active way, so a full table never refuses a new connection; the agent
+/// notices the disappearance and reports it as evicted. Both are sized at
+/// load time (`--max-flows`) and mapped by the agent.
 #[map]
-static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+static BUCKETS: Array<Bucket> =
+    Array::with_max_entries(buckets_for(DEFAULT_MAX_FLOWS), BPF_F_MMAPABLE);
+
+#[map]
+static SLOTS: Array<Slot> =
+    Array::with_max_entries(buckets_for(DEFAULT_MAX_FLOWS) * WAYS as u32, BPF_F_MMAPABLE);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
@@ -67,9 +76,6 @@ static ZERO: Array<FlowValue> = Array::with_max_entries(1, 0);
 static TAKE: Array<TakeBatch> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
-const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
-const EEXIST: i32 = 17;
 
 /// Reads a packet through direct packet access, as the verifier requires:
 /// every offset is bounded before it is added to the packet pointer, and every
@@ -134,27 +140,24 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
         Some((_, len)) => (1, u64::from(len.saturating_sub(seg.l3_offset))),
         None => (1, u64::from(seg.ip_len)),
     };
-    let value = match FLOWS.get_ptr_mut(&seg.key) {
-        // Safety: `v` points into the map element, valid during this run.
-        Some(v) if starts_new_connection(unsafe { &*v }, seg) => match retire(v, seg) {
-            Retire::Fresh(fresh) => fresh,
-            Retire::Kept => v,
-            Retire::Lost => return bump(STAT_INSERT_FAILED),
-        },
-        Some(v) => v,
-        None => {
-            let Some(zero) = ZERO.get(0) else { return };
-            match FLOWS.insert(&seg.key, zero, BPF_NOEXIST) {
-                Ok(()) => bump(STAT_FLOWS_CREATED),
-                // Another CPU inserted it between our lookup and insert.
-                Err(e) if e == -EEXIST => {}
-                Err(_) => return bump(STAT_INSERT_FAILED),
+    let Some(at) = Place::of(&seg.key, cfg) else {
+        return bump(STAT_INSERT_FAILED);
+    };
+    let value = match at.find(&seg.key) {
+        // Safety: `v` points into the slot, valid during this run.
+        Some((_, _, v)) if starts_new_connection(unsafe { &*v }, seg) => {
+            if retire(&at, v, seg) {
+                bump(STAT_RETIRED);
+            } else {
+                bump(STAT_SPLIT_FAILED);
             }
-            match FLOWS.get_ptr_mut(&seg.key) {
-                Some(v) => v,
-                None => return bump(STAT_INSERT_FAILED),
-            }
+            v
         }
+        Some((_, _, v)) => v,
+        None => match insert(&at, &seg.key) {
+            Some(v) => v,
+            None => return bump(STAT_INSERT_FAILED),
+        },
     };
     // Safety: `value` points into the map element, valid during this program
     // run; concurrent writers go through `record`'s atomics as well.
@@ -243,51 +246,260 @@ unsafe fn copy_value(from: *const FlowValue, to: *mut FlowValue) {
     }
 }
 
-/// What became of an ended connection when a new one started on its tuple.
-enum Retire {
-    /// Sent to user space; count the packet into this fresh entry.
-    Fresh(*mut FlowValue),
-    /// The ring buffer was full or the entry could not be replaced: count the
-    /// packet into the old entry (a merged lifetime beats a lost count).
-    Kept,
-    /// Sent to user space, but the fresh entry vanished at once (LRU eviction
-    /// under pressure): the packet cannot be counted.
-    Lost,
+/// A key's two buckets (see flowmon_common::table) and its tag.
+struct Place {
+    b: [u32; 2],
+    bucket: [*mut Bucket; 2],
+    tag: u32,
 }
 
-/// Sends the ended connection in `old` to user space and gives its tuple a
-/// zeroed entry. Replacing the element (BPF_EXIST) rather than zeroing it in
-/// place means a packet of the old connection being counted on another CPU at
-/// this instant lands in the old element's memory, not in the new connection.
+impl Place {
+    #[inline(always)]
+    fn of(key: &FlowKey, cfg: &Config) -> Option<Self> {
+        let h = hash(key, cfg.seed);
+        let b = [bucket_of(h, cfg.buckets), bucket2_of(h, cfg.buckets)];
+        Some(Self {
+            bucket: [BUCKETS.get_ptr_mut(b[0])?, BUCKETS.get_ptr_mut(b[1])?],
+            b,
+            tag: tag_of(h),
+        })
+    }
+
+    /// Where `key` is: which of the two buckets, the way, and its counters.
+    /// Takes no lock (see flowmon_common::table).
+    #[inline(always)]
+    fn find(&self, key: &FlowKey) -> Option<(usize, usize, *mut FlowValue)> {
+        let mut i = 0;
+        while i < 2 {
+            let mut w = 0;
+            while w < WAYS {
+                // Safety: a BUCKETS element, valid during this run; another
+                // CPU may write the tag, so it is read once.
+                if unsafe { (&raw const (*self.bucket[i]).tags[w]).read_volatile() } == self.tag {
+                    let slot = SLOTS.get_ptr_mut(self.b[i] * WAYS as u32 + w as u32)?;
+                    // Safety: a SLOTS element, valid during this run.
+                    if key_eq(unsafe { &(*slot).key }, key) {
+                        return Some((i, w, unsafe { &raw mut (*slot).value }));
+                    }
+                }
+                w += 1;
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Takes both buckets' locks, the lower-numbered first; false (none
+    /// held) when one stayed busy.
+    #[inline(always)]
+    fn lock(&self) -> bool {
+        let (lo, hi) = if self.b[0] <= self.b[1] {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        if !lock(self.bucket[lo]) {
+            return false;
+        }
+        if self.b[0] != self.b[1] && !lock(self.bucket[hi]) {
+            unlock(self.bucket[lo]);
+            return false;
+        }
+        true
+    }
+
+    #[inline(always)]
+    fn unlock(&self) {
+        unlock(self.bucket[0]);
+        if self.b[0] != self.b[1] {
+            unlock(self.bucket[1]);
+        }
+    }
+}
+
+/// Attempts at a busy bucket lock before giving up: it is held for the few
+/// dozen instructions of an insert, a retirement or a take.
+const LOCK_TRIES: u32 = 64;
+
+/// Takes `bucket`'s lock; false when it stayed busy.
 #[inline(always)]
-fn retire(old: *mut FlowValue, seg: &TcpSegment) -> Retire {
+fn lock(bucket: *mut Bucket) -> bool {
+    let mut i = 0;
+    while i < LOCK_TRIES {
+        // Safety: `bucket` is a BUCKETS element, valid during this run.
+        if unsafe { flowmon_common::table::try_lock(&raw mut (*bucket).lock) } {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn unlock(bucket: *mut Bucket) {
+    // Safety: as in `lock`; this CPU holds it.
+    unsafe { (&raw mut (*bucket).lock).write_volatile(0) };
+}
+
+/// Gives `key` a way: a free one in the emptier of its buckets, else the
+/// least recently active of both buckets' ways (evicted). `None` when a
+/// lock stayed busy.
+#[inline(always)]
+fn insert(at: &Place, key: &FlowKey) -> Option<*mut FlowValue> {
+    if !at.lock() {
+        return None;
+    }
+    // Another CPU may have inserted the key while this one waited.
+    if let Some((_, _, v)) = at.find(key) {
+        at.unlock();
+        return Some(v);
+    }
+    let Some(pick) = PICK.get_ptr_mut(0) else {
+        at.unlock();
+        return None;
+    };
+    // Safety: this CPU's scratch slot (see SEG); the buckets are valid
+    // during this run, their locks held.
+    let (i, w) = unsafe { choose(at, &mut *pick) };
+    let got = if i == 0 {
+        claim(at.bucket[0], at.b[0], w, at.tag, key)
+    } else {
+        claim(at.bucket[1], at.b[1], w, at.tag, key)
+    };
+    at.unlock();
+    got
+}
+
+/// Scratch for [`choose`], kept in a map rather than in registers: the
+/// verifier then sees one state per way instead of every combination of
+/// choices so far, which it could not finish checking.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Pick {
+    /// First free way of each bucket, `WAYS` if none.
+    free: [u32; 2],
+    /// Free ways of each bucket.
+    nfree: [u32; 2],
+    /// The least recently active way so far: bucket, way, time.
+    victim: [u32; 2],
+    oldest: u64,
+}
+
+#[map]
+static PICK: PerCpuArray<Pick> = PerCpuArray::with_max_entries(1, 0);
+
+/// The way a new key gets: a free one in the emptier of its buckets, else
+/// the least recently active of both buckets' ways. Returns (bucket, way).
+///
+/// # Safety
+/// The key's bucket locks are held.
+#[inline(always)]
+unsafe fn choose(at: &Place, p: &mut Pick) -> (usize, usize) {
+    let p = p as *mut Pick;
+    // Safety: `p` is this CPU's scratch; volatile, so that the choices stay
+    // in memory, where the verifier does not follow their values.
+    unsafe {
+        (&raw mut (*p).free).write_volatile([WAYS as u32; 2]);
+        (&raw mut (*p).nfree).write_volatile([0; 2]);
+        (&raw mut (*p).victim).write_volatile([0, WAYS as u32]);
+        (&raw mut (*p).oldest).write_volatile(u64::MAX);
+        let mut i = 0;
+        while i < 2 {
+            let mut w = 0;
+            while w < WAYS {
+                if (*at.bucket[i]).tags[w] == 0 {
+                    let f = &raw mut (*p).free[i];
+                    if f.read_volatile() == WAYS as u32 {
+                        f.write_volatile(w as u32);
+                    }
+                    let n = &raw mut (*p).nfree[i];
+                    n.write_volatile(n.read_volatile() + 1);
+                }
+                w += 1;
+            }
+            i += 1;
+        }
+        let nfree = (&raw const (*p).nfree).read_volatile();
+        let free = (&raw const (*p).free).read_volatile();
+        if nfree[0] >= nfree[1] && nfree[0] > 0 {
+            return (0, free[0] as usize);
+        }
+        if nfree[1] > 0 {
+            return (1, free[1] as usize);
+        }
+        // Both full: only now read the ways' times (28 cache lines).
+        let mut i = 0;
+        while i < 2 {
+            let mut w = 0;
+            while w < WAYS {
+                if let Some(slot) = SLOTS.get_ptr(at.b[i] * WAYS as u32 + w as u32) {
+                    let t = last_active(&(*slot).value);
+                    if t < (&raw const (*p).oldest).read_volatile() {
+                        (&raw mut (*p).oldest).write_volatile(t);
+                        (&raw mut (*p).victim).write_volatile([i as u32, w as u32]);
+                    }
+                }
+                w += 1;
+            }
+            i += 1;
+        }
+        let v = (&raw const (*p).victim).read_volatile();
+        (v[0] as usize, v[1] as usize)
+    }
+}
+
+/// Writes `key` and zeroed counters into way `w`, then publishes its tag.
+/// The way stops being found under its old key first.
+#[inline(always)]
+fn claim(bucket: *mut Bucket, b: u32, w: usize, tag: u32, key: &FlowKey) -> Option<*mut FlowValue> {
+    if w >= WAYS {
+        return None;
+    }
+    let slot = SLOTS.get_ptr_mut(b * WAYS as u32 + w as u32)?;
+    let zero = ZERO.get(0)?;
+    // Safety: the bucket's lock is held; `slot` and `bucket` are valid
+    // during this run.
+    unsafe {
+        let t = &raw mut (*bucket).tags[w];
+        if t.read_volatile() != 0 {
+            t.write_volatile(0);
+        }
+        (*slot).key = *key;
+        copy_value(zero, &raw mut (*slot).value);
+        t.write_volatile(tag);
+        Some(&raw mut (*slot).value)
+    }
+    .inspect(|_| bump(STAT_FLOWS_CREATED))
+}
+
+/// Sends the ended connection in `old` to user space and zeroes its counters
+/// for the new connection on its tuple, under the key's bucket locks so
+/// that the agent's take cannot copy it at the same time. False when the
+/// ring was full or a lock busy: the packet is then counted into the old
+/// connection (a merged lifetime beats a lost count).
+#[inline(always)]
+fn retire(at: &Place, old: *mut FlowValue, seg: &TcpSegment) -> bool {
+    if !at.lock() {
+        return false;
+    }
     let Some(mut slot) = CLOSED.reserve::<RetiredFlow>(0) else {
-        bump(STAT_SPLIT_FAILED);
-        return Retire::Kept;
+        at.unlock();
+        return false;
     };
     let dst = slot.as_mut_ptr();
-    // Safety: `dst` is this reservation, `old` the live map element.
+    // Safety: `dst` is this reservation, `old` the live slot's counters.
     unsafe {
         (*dst).key = seg.key;
         (*dst)._pad = 0;
         copy_value(old, &raw mut (*dst).value);
     }
-    // Submit only once the fresh entry is in place: otherwise the packets
-    // would be counted both in the retired copy and in the old entry.
-    let replaced = ZERO
-        .get(0)
-        .is_some_and(|zero| FLOWS.insert(&seg.key, zero, BPF_EXIST).is_ok());
-    if !replaced {
-        slot.discard(0);
-        bump(STAT_SPLIT_FAILED);
-        return Retire::Kept;
-    }
     slot.submit(0);
-    bump(STAT_RETIRED);
-    match FLOWS.get_ptr_mut(&seg.key) {
-        Some(v) => Retire::Fresh(v),
-        None => Retire::Lost,
+    if let Some(zero) = ZERO.get(0) {
+        // Safety: `old` is valid during this run, the locks held.
+        unsafe { copy_value(zero, old) };
     }
+    at.unlock();
+    true
 }
 
 #[xdp]
@@ -322,11 +534,10 @@ pub fn flowmon_tc(ctx: TcContext) -> i32 {
 /// patches the XDP dispatcher's code in and out on every call (an IPI to
 /// each CPU), which cost a fifth of the take.
 ///
-/// The copy and the delete are as close as in `BPF_MAP_LOOKUP_AND_DELETE_ELEM`
-/// (which copies under the bucket lock that packet programs do not take):
-/// only a packet another CPU handles in the few nanoseconds between the two
-/// can go uncounted, or, if it is a SYN that retires the connection, be
-/// taken with it.
+/// The copy and the freeing of the way happen under the bucket's lock, which
+/// inserts and retirements take too; counting packets does not take it, so
+/// only a packet another CPU counts in the few nanoseconds between the two
+/// can go uncounted.
 #[classifier]
 pub fn flowmon_take(_ctx: TcContext) -> i32 {
     let Some(batch) = TAKE.get_ptr_mut(0) else {
@@ -349,12 +560,36 @@ pub fn flowmon_take(_ctx: TcContext) -> i32 {
 /// Takes `slot`'s key out of the table; returns its `TAKE_*` status.
 #[inline(always)]
 unsafe fn take(slot: *mut TakeSlot) -> u32 {
-    // Safety: `slot` is a TAKE slot (see `flowmon_take`); `live` the element.
+    let Some(cfg) = CONFIG.get(0) else {
+        return TAKE_REPLACED;
+    };
+    // Safety: `slot` is a TAKE slot (see `flowmon_take`).
+    let key = unsafe { &(*slot).key };
+    let Some(at) = Place::of(key, cfg) else {
+        return TAKE_ABSENT;
+    };
+    // A busy lock: left for the next poll, like a changed entry.
+    if !at.lock() {
+        return TAKE_REPLACED;
+    }
+    let status = match at.find(key) {
+        None => TAKE_ABSENT,
+        Some((i, w, live)) => take_found(slot, live, at.bucket[i], w),
+    };
+    at.unlock();
+    status
+}
+
+/// Copies the found entry into `slot` and frees its way, unless it is not
+/// the connection the agent read.
+#[inline(always)]
+fn take_found(slot: *mut TakeSlot, live: *mut FlowValue, bucket: *mut Bucket, w: usize) -> u32 {
+    if w >= WAYS {
+        return TAKE_ABSENT;
+    }
+    // Safety: `slot` is a TAKE slot; `live` and `bucket` are valid during
+    // this run, and the key's bucket locks are held.
     unsafe {
-        let key = &(*slot).key;
-        let Some(live) = FLOWS.get_ptr_mut(key) else {
-            return TAKE_ABSENT;
-        };
         let mut d = 0;
         while d < 2 {
             let seen = (*slot).seen_first_ns[d];
@@ -367,12 +602,9 @@ unsafe fn take(slot: *mut TakeSlot) -> u32 {
             return TAKE_REPLACED;
         }
         copy_value(live, &raw mut (*slot).value);
-        if FLOWS.remove(key).is_ok() {
-            TAKE_REMOVED
-        } else {
-            TAKE_GONE
-        }
+        (&raw mut (*bucket).tags[w]).write_volatile(0);
     }
+    TAKE_REMOVED
 }
 
 /// Writes jiffies and then CLOCK_MONOTONIC into the first 16 bytes of the

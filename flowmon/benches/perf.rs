@@ -221,18 +221,13 @@ fn rss_bytes() -> u64 {
 fn agent_cost_and_memory(sizes: &[u32]) {
     println!("\n## 2. Agent cost of one poll (ms; reads median of 3, polls median of 5)\n");
     println!(
-        "| flows in table | read key by key (aya iterator) | read batched (BPF_MAP_LOOKUP_BATCH) | first poll (whole table: read, classify, deltas) | steady poll (changed + sweep slice) |"
+        "| flows in table | read the whole table (in place, mmap) | first poll (whole table: read, classify, deltas) | steady poll (changed + sweep slice) |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|");
     let mut memory = Vec::new();
     for &n in sizes {
         let k = loaded(n);
-        let walk = median(
-            (0..3)
-                .map(|_| time(|| k.flows_one_by_one().unwrap().len()).1.as_secs_f64() * 1e3)
-                .collect(),
-        );
-        let batch = median(
+        let read = median(
             (0..3)
                 .map(|_| {
                     time(|| assert_eq!(k.flows().unwrap().len(), n as usize))
@@ -264,7 +259,7 @@ fn agent_cost_and_memory(sizes: &[u32]) {
         unsafe { libc::malloc_trim(0) };
         let after = rss_bytes();
         println!(
-            "| {n} | {walk:.1} | {batch:.1} | {:.1} | **{:.1}** |",
+            "| {n} | {read:.1} | {:.1} | **{:.1}** |",
             first.as_secs_f64() * 1e3,
             median(polls)
         );
@@ -279,7 +274,7 @@ fn agent_cost_and_memory(sizes: &[u32]) {
         "\nTaking finished connections out of the table (half the table each way, one run):\n"
     );
     println!(
-        "| flows in table | one BPF_MAP_LOOKUP_AND_DELETE_ELEM each (µs per connection) | take program, 512 per BPF_PROG_TEST_RUN (µs per connection) |"
+        "| flows in table | take program, one BPF_PROG_TEST_RUN each (µs per connection) | take program, 512 per BPF_PROG_TEST_RUN (µs per connection) |"
     );
     println!("|---:|---:|---:|");
     for &n in sizes {

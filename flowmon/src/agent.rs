@@ -441,7 +441,6 @@ impl Agent {
                     self.removed += 1;
                     v
                 }
-                Taken::Gone(v) => v,
                 // Still in the table, but not in this poll's live list (a
                 // trailing entry's key is accounted as the held one's).
                 Taken::Replaced => {

@@ -9,7 +9,7 @@ use std::{io, path::PathBuf, process::Command};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -19,12 +19,13 @@ use aya::{
 use flowmon_common::{
     flow::{
         CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, RetiredFlow, TAKE_ABSENT,
-        TAKE_BATCH, TAKE_GONE, TAKE_PENDING, TAKE_REMOVED, TAKE_REPLACED, TakeBatch,
+        TAKE_BATCH, TAKE_PENDING, TAKE_REMOVED, TAKE_REPLACED, TakeBatch,
     },
     stats::STAT_COUNT,
+    table::{WAYS, buckets_for},
 };
 
-use crate::{caps, iface};
+use crate::{caps, flowtable::FlowTable, iface};
 
 /// The eBPF object built by build.rs from flowmon-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowmon"));
@@ -38,7 +39,8 @@ pub const CLOCK_PROGRAM: &str = "flowmon_clock";
 pub const PASS_TC_PROGRAM: &str = "flowmon_pass_tc";
 /// Takes finished connections out of the flow table, a batch per test run.
 const TAKE_PROGRAM: &str = "flowmon_take";
-const FLOWS_MAP: &str = "FLOWS";
+const BUCKETS_MAP: &str = "BUCKETS";
+const SLOTS_MAP: &str = "SLOTS";
 const STATS_MAP: &str = "STATS";
 const CONFIG_MAP: &str = "CONFIG";
 const CLOSED_MAP: &str = "CLOSED";
@@ -152,7 +154,14 @@ impl Default for LoadOptions {
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowmon";
 
 /// The maps that carry state across agents (the rest are per-program scratch).
-const PINNED_MAPS: [&str; 5] = [FLOWS_MAP, STATS_MAP, CLOSED_MAP, CONFIG_MAP, DIRTY_MAP];
+const PINNED_MAPS: [&str; 6] = [
+    BUCKETS_MAP,
+    SLOTS_MAP,
+    STATS_MAP,
+    CLOSED_MAP,
+    CONFIG_MAP,
+    DIRTY_MAP,
+];
 
 /// Where and how the programs were attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,15 +184,21 @@ pub struct Kernel {
     resumed: bool,
     /// Pinned links: dropping these leaves the programs attached.
     pinned_links: Vec<PinnedLink>,
-    /// The flow table's batch read buffers, kept from poll to poll.
-    reader: std::sync::Mutex<crate::bpfsys::BatchReader<FlowKey, FlowValue>>,
-    /// The flow table's maximum entries.
-    capacity: u32,
+    /// The flow table, mapped.
+    table: FlowTable,
     /// The take program's batch, mapped here.
     take: std::sync::Mutex<crate::bpfsys::Mapped<TakeBatch>>,
 }
 
+/// Entries read from a part of the table, and the bucket to go on from
+/// (`None`: the table's end).
+pub type Slice = (Vec<(FlowKey, FlowValue)>, Option<u64>);
+
 /// What [`Kernel::take_flows`] found under one key.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "taken 512 at a time into one Vec: a Box each would be an allocation per connection"
+)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Taken {
     /// No entry.
@@ -193,9 +208,6 @@ pub enum Taken {
     Replaced,
     /// The final value, removed from the table.
     Removed(FlowValue),
-    /// The final value, but the entry was gone before the delete (evicted):
-    /// the agent did not remove it.
-    Gone(FlowValue),
 }
 
 impl Kernel {
@@ -207,7 +219,9 @@ impl Kernel {
         }
         raise_memlock_limit();
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(FLOWS_MAP, opts.max_flows);
+        let buckets = buckets_for(opts.max_flows);
+        loader.map_max_entries(BUCKETS_MAP, buckets);
+        loader.map_max_entries(SLOTS_MAP, buckets * WAYS as u32);
         let mut resumed = false;
         if let Some(dir) = &opts.pin {
             if !on_bpffs(dir) {
@@ -217,7 +231,7 @@ impl Kernel {
                 path: dir.clone(),
                 source,
             })?;
-            resumed = dir.join(FLOWS_MAP).exists();
+            resumed = dir.join(BUCKETS_MAP).exists();
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -261,31 +275,43 @@ impl Kernel {
             })?,
             _ => return Err(KernelError::MapMissing { map: TAKE_MAP }),
         };
-        // Fixed once the map exists (a pinned table keeps its own size).
-        let capacity = match ebpf.map(FLOWS_MAP) {
-            Some(aya::maps::Map::LruHashMap(data)) => data.info().map_or(0, |i| i.max_entries()),
-            _ => 0,
-        };
+        let mut config = Config::default();
+        if resumed {
+            // Keep what the earlier agent recorded (its removals, the
+            // table's seed and size).
+            config = read_config(&ebpf)?;
+            config.flags &= !CONFIG_FLAG_LOG;
+            // This agent starts by reading the whole table.
+            config.epoch = 0;
+        } else {
+            config.seed = random_seed();
+            config.buckets = buckets;
+            config.max_flows = opts.max_flows;
+        }
+        // A pinned table keeps its own size.
+        let table = FlowTable::new(
+            map_fd(&ebpf, BUCKETS_MAP)?,
+            map_fd(&ebpf, SLOTS_MAP)?,
+            config.buckets,
+            config.seed,
+        )
+        .map_err(|source| KernelError::Syscall {
+            call: "mmap",
+            map: SLOTS_MAP,
+            source,
+        })?;
         let mut kernel = Self {
             ebpf,
             closed,
             dirty,
-            config: Config::default(),
+            config,
             attached: Vec::new(),
             pin: opts.pin.clone(),
             resumed,
             pinned_links: Vec::new(),
-            reader: Default::default(),
-            capacity,
+            table,
             take: std::sync::Mutex::new(take),
         };
-        if resumed {
-            // Keep what the earlier agent recorded (its removals).
-            kernel.config = kernel.read_config()?;
-            kernel.config.flags &= !CONFIG_FLAG_LOG;
-            // This agent starts by reading the whole table.
-            kernel.config.epoch = 0;
-        }
         if opts.kernel_log {
             kernel.config.flags |= CONFIG_FLAG_LOG;
         }
@@ -327,7 +353,7 @@ impl Kernel {
     /// Entries the flow table holds at most (`--max-flows`, or the pinned
     /// table's size).
     pub fn capacity(&self) -> u32 {
-        self.capacity
+        self.config.max_flows
     }
 
     /// The interfaces attached so far.
@@ -556,30 +582,22 @@ impl Kernel {
 
     /// Inserts an entry from user space (benchmarks fill the table this way).
     pub fn insert_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<(), KernelError> {
-        let map = self
-            .ebpf
-            .map_mut(FLOWS_MAP)
-            .ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
-        let mut table: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(|source| KernelError::Map {
-                map: FLOWS_MAP,
-                source,
-            })?;
-        table
-            .insert(key, value, 0)
-            .map_err(|source| KernelError::Map {
-                map: FLOWS_MAP,
-                source,
-            })
+        self.table.insert(key, value);
+        Ok(())
     }
 
-    /// Kernel memory charged to the flow table (the `memlock` of its fd).
+    /// Kernel memory charged to the flow table (the `memlock` of its maps).
     pub fn flow_table_bytes(&self) -> Option<u64> {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.flows_fd().ok()?);
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse().ok())
+        [BUCKETS_MAP, SLOTS_MAP]
+            .into_iter()
+            .map(|name| {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&map_fd(&self.ebpf, name).ok()?);
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+                info.lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum()
     }
 
     /// Makes the programs use `ns` as the packet time instead of the kernel
@@ -587,22 +605,6 @@ impl Kernel {
     pub fn set_clock_override(&mut self, ns: u64) -> Result<(), KernelError> {
         self.config.clock_override_ns = ns;
         self.write_config()
-    }
-
-    fn read_config(&self) -> Result<Config, KernelError> {
-        let map = self
-            .ebpf
-            .map(CONFIG_MAP)
-            .ok_or(KernelError::MapMissing { map: CONFIG_MAP })?;
-        let arr: Array<&MapData, Config> =
-            Array::try_from(map).map_err(|source| KernelError::Map {
-                map: CONFIG_MAP,
-                source,
-            })?;
-        arr.get(&0, 0).map_err(|source| KernelError::Map {
-            map: CONFIG_MAP,
-            source,
-        })
     }
 
     fn write_config(&mut self) -> Result<(), KernelError> {
@@ -622,28 +624,7 @@ impl Kernel {
             })
     }
 
-    /// The flow table, for aya's key-by-key operations.
-    fn flow_table(&self) -> Result<HashMap<&MapData, FlowKey, FlowValue>, KernelError> {
-        let map = self
-            .ebpf
-            .map(FLOWS_MAP)
-            .ok_or(KernelError::MapMissing { map: FLOWS_MAP })?;
-        HashMap::try_from(map).map_err(|source| KernelError::Map {
-            map: FLOWS_MAP,
-            source,
-        })
-    }
-
-    /// The flow table's descriptor, for the syscalls aya does not wrap.
-    fn flows_fd(&self) -> Result<std::os::fd::BorrowedFd<'_>, KernelError> {
-        match self.ebpf.map(FLOWS_MAP) {
-            Some(aya::maps::Map::LruHashMap(data)) => Ok(std::os::fd::AsFd::as_fd(data.fd())),
-            _ => Err(KernelError::MapMissing { map: FLOWS_MAP }),
-        }
-    }
-
-    /// Every entry of the flow table, read in batches of 4096 entries per
-    /// syscall where the kernel supports it (5.6+), else key by key.
+    /// Every entry of the flow table, read in place.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
         self.flows_into(Vec::new(), 0)
     }
@@ -652,60 +633,29 @@ impl Kernel {
     /// for `expect` entries up front.
     pub fn flows_into(
         &self,
-        buf: Vec<(FlowKey, FlowValue)>,
+        mut buf: Vec<(FlowKey, FlowValue)>,
         expect: usize,
     ) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
-        let fd = self.flows_fd()?;
-        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        match reader.read_all(buf, fd, 4096, expect) {
-            Ok(v) => Ok(v),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
-                ) =>
-            {
-                self.flows_one_by_one()
-            }
-            Err(source) => Err(KernelError::Syscall {
-                call: "BPF_MAP_LOOKUP_BATCH",
-                map: FLOWS_MAP,
-                source,
-            }),
-        }
+        buf.clear();
+        buf.reserve(expect);
+        self.table.read_buckets(0, self.table.buckets(), &mut buf);
+        Ok(buf)
     }
 
-    /// Every entry of the flow table, two syscalls per entry (aya's
-    /// iterator). Entries that vanish while the table is walked (LRU
-    /// eviction) are skipped, not reported as errors.
-    pub fn flows_one_by_one(&self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
-        let table = self.flow_table()?;
-        let mut out = Vec::new();
-        for entry in table.iter() {
-            match entry {
-                Ok(kv) => out.push(kv),
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(source) => {
-                    return Err(KernelError::Map {
-                        map: FLOWS_MAP,
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Removes the entry for `key` and returns its final value, atomically
-    /// (see [`crate::bpfsys::lookup_and_delete`]); `None` if it is gone.
-    /// One syscall per entry: the agent takes batches with
-    /// [`Kernel::take_flows`]; tests and benchmarks use this one.
+    /// Removes the entry for `key` and returns its final value; `None` if it
+    /// is gone. The agent takes batches with [`Kernel::take_flows`]; tests
+    /// and benchmarks use this one.
     pub fn take_flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, KernelError> {
-        let fd = self.flows_fd()?;
-        crate::bpfsys::lookup_and_delete(fd, key).map_err(|source| KernelError::Syscall {
-            call: "BPF_MAP_LOOKUP_AND_DELETE_ELEM",
-            map: FLOWS_MAP,
-            source,
+        let Some(seen) = self.table.lookup(key) else {
+            return Ok(None);
+        };
+        let mut seen = seen;
+        // Whatever it holds now.
+        seen.dir[0].first_ns = 0;
+        seen.dir[1].first_ns = 0;
+        Ok(match self.take_flows(&[(*key, seen)])?.pop() {
+            Some(Taken::Removed(v)) => Some(v),
+            _ => None,
         })
     }
 
@@ -757,7 +707,6 @@ impl Kernel {
             let batch = mapped.get_mut();
             out.extend(batch.slots[..chunk.len()].iter().map(|s| match s.status {
                 TAKE_REMOVED => Taken::Removed(s.value),
-                TAKE_GONE => Taken::Gone(s.value),
                 TAKE_REPLACED => Taken::Replaced,
                 st => {
                     debug_assert!(st == TAKE_ABSENT, "take status {st}");
@@ -790,34 +739,26 @@ impl Kernel {
 
     /// One entry, if present.
     pub fn lookup_flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, KernelError> {
-        let table = self.flow_table()?;
-        match table.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(KernelError::Map {
-                map: FLOWS_MAP,
-                source,
-            }),
-        }
+        Ok(self.table.lookup(key))
     }
 
-    /// At least `want` entries from bucket position `cursor` on (see
-    /// [`crate::bpfsys::BatchReader::read_from`]), and where to continue; `None`
-    /// when the end of the table was reached.
+    /// At least `want` entries from bucket `cursor` on (0 when `None`), and
+    /// the bucket to continue from; `None` when the end of the table was
+    /// reached.
     pub fn flows_from(
         &self,
         cursor: Option<u64>,
         want: usize,
-    ) -> Result<crate::bpfsys::Batch<FlowKey, FlowValue>, KernelError> {
-        let fd = self.flows_fd()?;
-        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        reader
-            .read_from(fd, cursor, 4096, want)
-            .map_err(|source| KernelError::Syscall {
-                call: "BPF_MAP_LOOKUP_BATCH",
-                map: FLOWS_MAP,
-                source,
-            })
+    ) -> Result<Slice, KernelError> {
+        let mut out = Vec::with_capacity(want);
+        let mut b = cursor.unwrap_or(0) as usize;
+        let n = self.table.buckets();
+        while b < n && out.len() < want {
+            let to = (b + 256).min(n);
+            self.table.read_buckets(b, to, &mut out);
+            b = to;
+        }
+        Ok((out, (b < n).then_some(b as u64)))
     }
 
     /// Connections the programs retired because a new connection started on
@@ -855,6 +796,40 @@ impl Kernel {
     pub fn kernel_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.ebpf).ok()
     }
+}
+
+/// The descriptor of map `name`, for mapping it.
+fn map_fd<'a>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<std::os::fd::BorrowedFd<'a>, KernelError> {
+    match ebpf.map(name) {
+        Some(aya::maps::Map::Array(data)) => Ok(std::os::fd::AsFd::as_fd(data.fd())),
+        _ => Err(KernelError::MapMissing { map: name }),
+    }
+}
+
+fn read_config(ebpf: &Ebpf) -> Result<Config, KernelError> {
+    let map = ebpf
+        .map(CONFIG_MAP)
+        .ok_or(KernelError::MapMissing { map: CONFIG_MAP })?;
+    let arr: Array<&MapData, Config> = Array::try_from(map).map_err(|source| KernelError::Map {
+        map: CONFIG_MAP,
+        source,
+    })?;
+    arr.get(&0, 0).map_err(|source| KernelError::Map {
+        map: CONFIG_MAP,
+        source,
+    })
+}
+
+/// A random hash seed for a new table, from the standard library's
+/// per-process random keys (no extra dependency for 64 bits).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
 }
 
 fn errno(e: &ProgramError) -> Option<i32> {

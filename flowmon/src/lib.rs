@@ -14,6 +14,7 @@ pub mod capture;
 pub mod close;
 pub mod diagnose;
 pub mod filter;
+pub mod flowtable;
 pub mod fuzz;
 pub mod graph;
 pub mod http;

@@ -348,13 +348,15 @@ fn gso_super_packet_counts_wire_segments() {
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
-fn batched_read_equals_the_key_by_key_walk() {
+fn a_table_filled_to_its_size_keeps_every_connection_and_reads_them_all() {
+    // As many connections as --max-flows: with two buckets per key none
+    // may find both full, so none is evicted early.
     let mut k = Kernel::load(LoadOptions {
-        max_flows: 20_000,
+        max_flows: 10_000,
         ..LoadOptions::default()
     })
     .unwrap();
-    for i in 0..10_000u32 {
+    let key = |i: u32| {
         let mut key = flowmon_common::flow::FlowKey {
             port_a: 80,
             port_b: (i % 60_000) as u16 + 1024,
@@ -364,20 +366,97 @@ fn batched_read_equals_the_key_by_key_walk() {
         };
         key.addr_a[..4].copy_from_slice(&[10, 0, 0, 1]);
         key.addr_b[..4].copy_from_slice(&i.to_be_bytes());
+        key
+    };
+    for i in 0..10_000u32 {
         let mut v = FlowValue::default();
-        v.dir[0].packets = u64::from(i);
-        k.insert_flow(&key, &v).unwrap();
+        v.dir[0].packets = u64::from(i) + 1;
+        v.dir[0].last_ns = u64::from(i) + 1;
+        k.insert_flow(&key(i), &v).unwrap();
     }
-    let mut batched = k.flows().unwrap();
-    let mut walked = k.flows_one_by_one().unwrap();
-    batched.sort_by_key(|e| e.0);
-    walked.sort_by_key(|e| e.0);
-    assert_eq!(batched.len(), 10_000);
-    assert_eq!(batched, walked);
+    let mut all = k.flows().unwrap();
+    all.sort_by_key(|e| e.0);
+    assert_eq!(all.len(), 10_000);
     assert_eq!(
-        batched.iter().map(|e| e.1.dir[0].packets).sum::<u64>(),
-        (0..10_000u64).sum::<u64>()
+        all.iter().map(|e| e.1.dir[0].packets).sum::<u64>(),
+        (1..=10_000u64).sum::<u64>()
     );
+    // Found one by one, and read again slice by slice, each once.
+    for i in (0..10_000u32).step_by(97) {
+        assert_eq!(
+            k.lookup_flow(&key(i)).unwrap().unwrap().dir[0].packets,
+            u64::from(i) + 1
+        );
+    }
+    let (mut swept, mut cursor) = (Vec::new(), None);
+    loop {
+        let (part, next) = k.flows_from(cursor, 1000).unwrap();
+        assert!(next.is_none() || part.len() >= 1000);
+        swept.extend(part);
+        cursor = next;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    swept.sort_by_key(|e| e.0);
+    assert_eq!(swept, all);
+    // Taken out, it is gone for good.
+    assert_eq!(k.take_flow(&key(5)).unwrap().unwrap().dir[0].packets, 6);
+    assert_eq!(k.lookup_flow(&key(5)).unwrap(), None);
+    assert_eq!(k.take_flow(&key(5)).unwrap(), None);
+    assert_eq!(k.flows().unwrap().len(), 9_999);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_full_table_evicts_the_least_recently_active_connection() {
+    // A table for 1,000 connections, crammed with 20,000 from user space
+    // (each evicting the least recently active of its two buckets when
+    // both are full); then a new connection's SYN through the program
+    // must get a way and count, and the entries left are the most recent.
+    let k = {
+        let mut k = Kernel::load(LoadOptions {
+            max_flows: 1_000,
+            ..LoadOptions::default()
+        })
+        .unwrap();
+        for i in 0..20_000u32 {
+            let mut key = flowmon_common::flow::FlowKey {
+                port_a: 80,
+                port_b: (i % 60_000) as u16 + 1024,
+                family: 4,
+                ifindex: 1,
+                ..Default::default()
+            };
+            key.addr_a[..4].copy_from_slice(&[10, 0, 0, 1]);
+            key.addr_b[..4].copy_from_slice(&[10, 9, 0, 1]);
+            let mut v = FlowValue::default();
+            v.dir[0].last_ns = u64::from(i) + 1;
+            k.insert_flow(&key, &v).unwrap();
+        }
+        k
+    };
+    let all = k.flows().unwrap();
+    let ways = (flowmon_common::table::buckets_for(1_000) as usize) * flowmon_common::table::WAYS;
+    assert_eq!(all.len(), ways, "every way taken");
+    // What is left is recent: of the last 1,000 inserted, nearly all.
+    let recent = all.iter().filter(|e| e.1.dir[0].last_ns > 19_000).count();
+    assert!(recent > 950, "{recent} of the last 1000 kept");
+    let created = k.stats().unwrap()[STAT_FLOWS_CREATED as usize];
+    xdp(
+        &k,
+        &Frame::tcp(ip("10.9.9.9"), 5555, ip("10.0.0.1"), 80, TCP_SYN).build(),
+    );
+    let st = k.stats().unwrap();
+    assert_eq!(st[STAT_FLOWS_CREATED as usize], created + 1);
+    assert_eq!(st[flowmon_common::stats::STAT_INSERT_FAILED as usize], 0);
+    let now = k.flows().unwrap();
+    assert_eq!(now.len(), ways);
+    let syn = now
+        .iter()
+        .find(|e| e.0.port_b == 5555 || e.0.port_a == 5555)
+        .expect("the new connection has a way");
+    assert_eq!(syn.1.dir[0].syn + syn.1.dir[1].syn, 1);
 }
 
 /// The race between the agent's read and its take: a new SYN arrives on the

@@ -1,0 +1,220 @@
+//! The flow table's layout: buckets of slots in two array maps, found by a
+//! seeded hash that the programs and the agent compute alike.
+//!
+//! Why arrays and not a BPF hash map: a hash map lookup is a call into the
+//! kernel (hashing, bucket walk, `memcmp`), and every kernel function return
+//! pays for the host's return-stack mitigations; an array lookup is inlined
+//! by the verifier. Hashing and comparing in the program, with no call at
+//! all, halved the cost of a data segment (docs/performance.md). The agent
+//! reads the table through `mmap`, with no syscall per entry either.
+//!
+//! `BUCKETS[b]` holds a lock and the tags of its [`WAYS`] ways;
+//! `SLOTS[b * WAYS + w]` holds way `w`'s key and counters. A tag is 0 for a
+//! free way, else the key's fingerprint ([`tag_of`], never 0). Packets find
+//! their entry without the lock: a way becomes visible when its tag is
+//! written, after its key and zeroed counters. Whoever changes which key a
+//! way holds (a packet inserting or evicting, the agent's take) holds the
+//! bucket's lock for it.
+
+use crate::flow::{FlowKey, FlowValue};
+
+/// Ways per bucket: the lock and 14 tags fill one 64-byte cache line, so a
+/// lookup touches that line and the slot it finds.
+pub const WAYS: usize = 14;
+
+/// One bucket: its lock (0 free, 1 held; a 64-bit word because the bpf
+/// target's compare-and-swap is 64-bit) and its ways' tags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub lock: u64,
+    pub tags: [u32; WAYS],
+}
+const _: () = assert!(core::mem::size_of::<Bucket>() == 64);
+
+/// One way: the connection's key and what it counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    pub key: FlowKey,
+    pub _pad: u32,
+    pub value: FlowValue,
+}
+const _: () = assert!(core::mem::size_of::<Slot>() == 256);
+
+/// Buckets for a table of `max_flows` connections: a fifth more ways than
+/// that, because with two choices per key the first bucket overflows when
+/// about 88 % of the ways are taken (at 90 %, 3 connections in 10,000 find
+/// both their buckets full and evict another).
+#[inline]
+pub const fn buckets_for(max_flows: u32) -> u32 {
+    let ways = (max_flows as u64 * 6).div_ceil(5);
+    let b = ways.div_ceil(WAYS as u64);
+    if b == 0 { 1 } else { b as u32 }
+}
+
+/// The key's hash under `seed`: the key's 11 words in pairs, each pair
+/// mixed with its own multiplier, then folded. Cheap in the programs (six
+/// independent multiplies), and seeded at load time so that nobody outside
+/// can aim connections at one bucket.
+#[inline(always)]
+pub fn hash(key: &FlowKey, seed: u64) -> u64 {
+    // Safety: FlowKey is 44 bytes of plain data, 4-aligned (asserted in flow).
+    let w = unsafe { &*(key as *const FlowKey).cast::<[u32; 11]>() };
+    let p = |i: usize| u64::from(w[2 * i]) | (u64::from(w[2 * i + 1]) << 32);
+    let a = (p(0) ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let b = (p(1) ^ seed.rotate_left(13)).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let c = (p(2) ^ seed.rotate_left(29)).wrapping_mul(0x1656_67B1_9E37_79F9);
+    let d = (p(3) ^ seed.rotate_left(41)).wrapping_mul(0x85EB_CA77_C2B2_AE63);
+    let e = (p(4) ^ seed.rotate_left(53)).wrapping_mul(0x27D4_EB2F_1656_67C5);
+    let f = (u64::from(w[10]) ^ seed.rotate_left(7)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut h = a.wrapping_add(b).wrapping_add(c) ^ d.wrapping_add(e).wrapping_add(f);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^ (h >> 32)
+}
+
+/// The bucket of a hash among `buckets` (a multiply, not a division).
+#[inline(always)]
+pub fn bucket_of(hash: u64, buckets: u32) -> u32 {
+    (((hash >> 32) * u64::from(buckets)) >> 32) as u32
+}
+
+/// The key's other bucket. Every key may live in either of two buckets, and
+/// goes into the emptier one: with one choice, a bucket overflows long
+/// before the table is full (at 80 % full, 3.6 % of connections would find
+/// their bucket full and evict another); with two, practically none does
+/// until the table is.
+#[inline(always)]
+pub fn bucket2_of(hash: u64, buckets: u32) -> u32 {
+    let h = (hash ^ (hash >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    bucket_of(h, buckets)
+}
+
+/// The tag of a hash: its low word, never 0 (0 marks a free way).
+#[inline(always)]
+pub fn tag_of(hash: u64) -> u32 {
+    hash as u32 | 1
+}
+
+/// Whether two keys are equal, a word at a time (no `memcmp` call, which
+/// the bpf target cannot link).
+#[inline(always)]
+pub fn key_eq(a: &FlowKey, b: &FlowKey) -> bool {
+    // Safety: as in `hash`.
+    let x = unsafe { &*(a as *const FlowKey).cast::<[u32; 11]>() };
+    let y = unsafe { &*(b as *const FlowKey).cast::<[u32; 11]>() };
+    let mut d = 0;
+    let mut i = 0;
+    while i < 11 {
+        d |= x[i] ^ y[i];
+        i += 1;
+    }
+    d == 0
+}
+
+/// Takes a bucket lock if it is free (compare-and-swap 0 to 1, acquiring);
+/// false if someone holds it. Released by writing 0.
+///
+/// # Safety
+/// `lock` points to a live, 8-aligned bucket lock.
+#[inline(always)]
+pub unsafe fn try_lock(lock: *mut u64) -> bool {
+    #[cfg(target_arch = "bpf")]
+    {
+        use core::intrinsics::{AtomicOrdering::Acquire, AtomicOrdering::Relaxed, atomic_cxchg};
+        // Safety: forwarded from the caller. 64-bit: the bpf target's
+        // default CPU has no 32-bit compare-and-swap.
+        unsafe { atomic_cxchg::<u64, { Acquire }, { Relaxed }>(lock, 0, 1).1 }
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    {
+        use core::sync::atomic::{AtomicU64, Ordering};
+        // Safety: forwarded from the caller.
+        unsafe { AtomicU64::from_ptr(lock) }
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+/// The time a way was last active, for choosing which way of a full
+/// bucket to evict.
+#[inline(always)]
+pub fn last_active(v: &FlowValue) -> u64 {
+    let (a, b) = (v.dir[0].last_ns, v.dir[1].last_ns);
+    if a > b { a } else { b }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        let mut k = FlowKey {
+            port_a: 80,
+            port_b: port,
+            family: 4,
+            ifindex: 1,
+            ..Default::default()
+        };
+        k.addr_a[..4].copy_from_slice(&[10, 0, 0, 1]);
+        k.addr_b[..4].copy_from_slice(&[10, 0, 0, 2]);
+        k
+    }
+
+    #[test]
+    fn two_choices_fill_the_table_before_any_bucket_overflows() {
+        // As many connections as the table is sized for, each into the
+        // emptier of its buckets: none may find both full.
+        let buckets = buckets_for(140_000);
+        let mut n = std::vec![0usize; buckets as usize];
+        let keys = 140_000;
+        let mut full = 0;
+        for i in 0..keys as u32 {
+            let mut k = key((i % 60_000) as u16);
+            k.addr_b[..4].copy_from_slice(&(0x0b00_0000 + i / 60_000).to_be_bytes());
+            let h = hash(&k, 99);
+            let (a, b) = (
+                bucket_of(h, buckets) as usize,
+                bucket2_of(h, buckets) as usize,
+            );
+            let pick = if n[b] < n[a] { b } else { a };
+            if n[pick] == WAYS {
+                full += 1;
+            } else {
+                n[pick] += 1;
+            }
+        }
+        assert_eq!(full, 0);
+    }
+
+    #[test]
+    fn keys_spread_evenly_over_buckets() {
+        // 64k connections that differ only in the client port, as a busy
+        // server's do, over 4681 buckets (65,534 ways): no bucket may
+        // overflow its 14 ways by much more than chance would.
+        let buckets = buckets_for(65_534);
+        let mut n = std::vec![0u32; buckets as usize];
+        for p in 1..=u16::MAX {
+            n[bucket_of(hash(&key(p), 0x1234_5678_9abc_def0), buckets) as usize] += 1;
+        }
+        let max = *n.iter().max().unwrap();
+        let mean = 65_535.0 / f64::from(buckets);
+        assert!(f64::from(max) < mean * 2.5, "max {max}, mean {mean}");
+        assert!(n.iter().filter(|&&c| c == 0).count() < 5, "empty buckets");
+    }
+
+    #[test]
+    fn the_seed_changes_where_keys_go_and_tags_are_never_zero() {
+        let buckets = buckets_for(262_144);
+        let k = key(4242);
+        let places: std::collections::BTreeSet<u32> = (0..64u64)
+            .map(|s| bucket_of(hash(&k, s.wrapping_mul(0x9E37_79B9_7F4A_7C15)), buckets))
+            .collect();
+        assert!(places.len() > 60, "{places:?}");
+        assert!((0..1000u16).all(|p| tag_of(hash(&key(p), 7)) != 0));
+        assert!(key_eq(&key(5), &key(5)) && !key_eq(&key(5), &key(6)));
+        assert_eq!(buckets_for(0), 1);
+        assert_eq!(buckets_for(512), 44);
+    }
+}

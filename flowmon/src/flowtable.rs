@@ -1,0 +1,155 @@
+//! The kernel's flow table as the agent sees it: the two array maps mapped
+//! into this process and read in place, without a syscall per entry.
+//!
+//! The layout and the hash are flowmon_common::table's, shared with the
+//! programs. Reads take no lock, like the programs' lookups: a way's copy
+//! counts only when its tag is the same before and after it, so a way that
+//! changed owner meanwhile is not reported under the wrong key.
+
+use std::{io, os::fd::BorrowedFd};
+
+use flowmon_common::{
+    flow::{FlowKey, FlowValue},
+    table::{
+        Bucket, Slot, WAYS, bucket_of, bucket2_of, hash, key_eq, last_active, tag_of, try_lock,
+    },
+};
+
+use crate::bpfsys::MappedArray;
+
+pub struct FlowTable {
+    buckets: MappedArray<Bucket>,
+    slots: MappedArray<Slot>,
+    seed: u64,
+}
+
+impl FlowTable {
+    /// Maps the BUCKETS and SLOTS maps (`buckets` and `buckets * WAYS`
+    /// elements); `seed` is the table's hash seed.
+    pub fn new(
+        buckets: BorrowedFd<'_>,
+        slots: BorrowedFd<'_>,
+        n: u32,
+        seed: u64,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            buckets: MappedArray::new(buckets, n as usize)?,
+            slots: MappedArray::new(slots, n as usize * WAYS)?,
+            seed,
+        })
+    }
+
+    pub fn buckets(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// The tag of way `w` of bucket `b`, as it is now.
+    fn tag(&self, b: usize, w: usize) -> u32 {
+        // Safety: a valid element of the mapping; the programs write tags
+        // with single stores.
+        unsafe { (&raw const (*self.buckets.ptr(b)).tags[w]).read_volatile() }
+    }
+
+    /// Appends the entries of buckets `from..to` to `out`; returns how many.
+    pub fn read_buckets(
+        &self,
+        from: usize,
+        to: usize,
+        out: &mut Vec<(FlowKey, FlowValue)>,
+    ) -> usize {
+        let start = out.len();
+        for b in from..to.min(self.buckets()) {
+            for w in 0..WAYS {
+                let tag = self.tag(b, w);
+                if tag == 0 {
+                    continue;
+                }
+                let slot = self.slots.read(b * WAYS + w);
+                if self.tag(b, w) == tag {
+                    out.push((slot.key, slot.value));
+                }
+            }
+        }
+        out.len() - start
+    }
+
+    /// Where `key` may live: its two buckets and tag, and, if present, its
+    /// bucket (0 or 1) and way.
+    fn locate(&self, key: &FlowKey) -> ([usize; 2], u32, Option<(usize, usize)>) {
+        let h = hash(key, self.seed);
+        let n = self.buckets() as u32;
+        let b = [bucket_of(h, n) as usize, bucket2_of(h, n) as usize];
+        let tag = tag_of(h);
+        let found = (0..2)
+            .flat_map(|i| (0..WAYS).map(move |w| (i, w)))
+            .find(|&(i, w)| {
+                self.tag(b[i], w) == tag && key_eq(&self.slots.read(b[i] * WAYS + w).key, key)
+            });
+        (b, tag, found)
+    }
+
+    /// One entry, if present.
+    pub fn lookup(&self, key: &FlowKey) -> Option<FlowValue> {
+        let (b, tag, found) = self.locate(key);
+        let (i, w) = found?;
+        let slot = self.slots.read(b[i] * WAYS + w);
+        (self.tag(b[i], w) == tag && key_eq(&slot.key, key)).then_some(slot.value)
+    }
+
+    /// Spins for bucket `b`'s lock: the programs hold it for a few dozen
+    /// instructions at most.
+    fn lock(&self, b: usize) {
+        let bucket = self.buckets.ptr(b);
+        // Safety: a valid, 8-aligned bucket lock in the mapping.
+        while !unsafe { try_lock(&raw mut (*bucket).lock) } {
+            std::hint::spin_loop();
+        }
+    }
+
+    fn unlock(&self, b: usize) {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        // Safety: as in `lock`; this thread holds it.
+        unsafe { (&raw mut (*self.buckets.ptr(b)).lock).write_volatile(0) };
+    }
+
+    /// Puts `value` under `key` as the programs would insert it (a free way
+    /// in the emptier of its buckets, else the least recently active way of
+    /// both), replacing an entry with that key. Tests and benchmarks fill
+    /// the table this way.
+    pub fn insert(&self, key: &FlowKey, value: &FlowValue) {
+        let (b, tag, found) = self.locate(key);
+        let (lo, hi) = (b[0].min(b[1]), b[0].max(b[1]));
+        self.lock(lo);
+        if hi != lo {
+            self.lock(hi);
+        }
+        let free = |i: usize| (0..WAYS).filter(|&w| self.tag(b[i], w) == 0).count();
+        let (i, w) = found.unwrap_or_else(|| {
+            let i = if free(0) >= free(1) { 0 } else { 1 };
+            match (0..WAYS).find(|&w| self.tag(b[i], w) == 0) {
+                Some(w) => (i, w),
+                None => (0..2)
+                    .flat_map(|i| (0..WAYS).map(move |w| (i, w)))
+                    .min_by_key(|&(i, w)| last_active(&self.slots.read(b[i] * WAYS + w).value))
+                    .unwrap_or((0, 0)),
+            }
+        });
+        let slot = Slot {
+            key: *key,
+            _pad: 0,
+            value: *value,
+        };
+        // Safety: the locks are held; element pointers within the mapping.
+        unsafe {
+            let t = &raw mut (*self.buckets.ptr(b[i])).tags[w];
+            t.write_volatile(0);
+            self.slots.ptr(b[i] * WAYS + w).write_volatile(slot);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            t.write_volatile(tag);
+        }
+        if hi != lo {
+            self.unlock(hi);
+        }
+        self.unlock(lo);
+    }
+}
