@@ -189,8 +189,8 @@ pub struct RetiredFlow {
 const _: () = assert!(core::mem::size_of::<RetiredFlow>() == 256);
 
 /// Connections the agent takes out of the table per run of the take
-/// program: one `BPF_PROG_TEST_RUN` (repeated this many times) instead of a
-/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` syscall each.
+/// program: one `BPF_PROG_TEST_RUN` (repeated this many times) instead of
+/// one each.
 pub const TAKE_BATCH: usize = 512;
 
 /// [`TakeSlot::status`] as the agent leaves it: the program did not get to it.

@@ -6,14 +6,13 @@
 //! connections are finished. Packets keep arriving in between, so the copy
 //! is never what gets reported: the finished entries are taken out of the
 //! table by the `flowmon_take` program (run through `BPF_PROG_TEST_RUN`, a
-//! batch of 512 per syscall), which copies each value and deletes it at
-//! once, as `BPF_MAP_LOOKUP_AND_DELETE_ELEM` would. Every packet counted
-//! before the take is in that value; a packet after it finds no entry and
-//! starts a new one, which a later poll reports on its own. Nothing is
-//! counted in two records, and nothing falls between them. Connections the
-//! kernel itself retired (a new SYN on their tuple) arrive through the
-//! CLOSED ring buffer, and were replaced in the table in the same program
-//! run, so they too are whole. When that retirement happens between the
+//! batch of 512 per syscall), which copies each value and frees its slot at
+//! once. Every packet counted before the take is in that value; a packet
+//! after it finds no entry and starts a new one, which a later poll reports
+//! on its own. Nothing is counted in two records, and nothing falls between
+//! them. Connections the kernel itself retired (a new SYN on their tuple)
+//! arrive through the CLOSED ring buffer, and had their counters zeroed in
+//! the same program run, so they too are whole. When that retirement happens between the
 //! read and the take, the take finds first-packet times that differ from
 //! the ones read and leaves the new connection in place.
 //!

@@ -50,6 +50,12 @@ impl FlowTable {
         unsafe { (&raw const (*self.buckets.ptr(b)).tags[w]).read_volatile() }
     }
 
+    /// The key in slot `i`, as it is now.
+    fn key(&self, i: usize) -> FlowKey {
+        // Safety: a valid element of the mapping; FlowKey is plain data.
+        unsafe { (&raw const (*self.slots.ptr(i)).key).read_volatile() }
+    }
+
     /// Appends the entries of buckets `from..to` to `out`; returns how many.
     pub fn read_buckets(
         &self,
@@ -64,9 +70,16 @@ impl FlowTable {
                 if tag == 0 {
                     continue;
                 }
-                let slot = self.slots.read(b * WAYS + w);
+                let slot = self.slots.ptr(b * WAYS + w);
+                // Safety: a valid element of the mapping; both plain data.
+                let entry = unsafe {
+                    (
+                        (&raw const (*slot).key).read_volatile(),
+                        (&raw const (*slot).value).read_volatile(),
+                    )
+                };
                 if self.tag(b, w) == tag {
-                    out.push((slot.key, slot.value));
+                    out.push(entry);
                 }
             }
         }
@@ -82,9 +95,7 @@ impl FlowTable {
         let tag = tag_of(h);
         let found = (0..2)
             .flat_map(|i| (0..WAYS).map(move |w| (i, w)))
-            .find(|&(i, w)| {
-                self.tag(b[i], w) == tag && key_eq(&self.slots.read(b[i] * WAYS + w).key, key)
-            });
+            .find(|&(i, w)| self.tag(b[i], w) == tag && key_eq(&self.key(b[i] * WAYS + w), key));
         (b, tag, found)
     }
 

@@ -120,7 +120,7 @@ impl Metrics {
             ),
             flows_evicted: reg!(
                 "flows_evicted",
-                "Connections the kernel table dropped (LRU) before the agent reported them",
+                "Connections the kernel table evicted (full) before the agent reported them",
                 Counter::default()
             ),
             flows_active: reg!(

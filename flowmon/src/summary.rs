@@ -368,8 +368,8 @@ impl Tracker {
         let interval_ms = self
             .prev_time_unix_ms
             .map_or(0, |p| time_unix_ms.saturating_sub(p));
-        // Entries leave the table by the agent's removal or by LRU eviction
-        // (a retired connection's entry is replaced, not removed), so the
+        // Entries leave the table by the agent's removal or by eviction
+        // (a retired connection's entry is reused, not removed), so the
         // rest of what the kernel created and no longer holds was evicted.
         // The agent reads the counters before the table, so entries created
         // in between are in the table but not yet in `created`: the estimate

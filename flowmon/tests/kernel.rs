@@ -876,7 +876,7 @@ fn incremental_polls_read_what_changed_and_sweep_for_the_rest() {
         (5001, "fin", 4, 2)
     );
     assert_eq!((p.poll.delta.packets, p.poll.flows_active), (0, 1));
-    // 5002 vanishes behind the agent's back (as an LRU eviction would): the
+    // 5002 vanishes behind the agent's back (as an eviction would): the
     // sweep, round the whole table each poll here, reports it as evicted.
     let (key, _) = only_flow(&agent.kernel);
     agent.kernel.take_flow(&key).unwrap().unwrap();
