@@ -312,8 +312,9 @@ impl Agent {
         self.kernel
             .set_epoch(self.kernel.epoch().wrapping_add(1).max(1))?;
         let mut keys: FxHashSet<FlowKey> = self.kernel.drain_dirty().into_iter().collect();
-        // A key costs a syscall, a batch read about a tenth of one per entry:
-        // when much of a big table changed, reading all of it is cheaper.
+        // A key costs a hash and a few cache misses, a whole read a copy of
+        // every occupied slot: when much of a big table changed, reading
+        // all of it is cheaper.
         if keys.len() > 4096 && keys.len() > self.tracker.tracked() / 8 {
             self.cursor = None;
             return Ok(Read {

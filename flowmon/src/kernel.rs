@@ -163,6 +163,10 @@ const PINNED_MAPS: [&str; 6] = [
     DIRTY_MAP,
 ];
 
+/// Maps earlier versions pinned (the LRU hash flow table), which `detach`
+/// removes too.
+const LEGACY_PINNED_MAPS: [&str; 1] = ["FLOWS"];
+
 /// Where and how the programs were attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attached {
@@ -231,7 +235,12 @@ impl Kernel {
                 path: dir.clone(),
                 source,
             })?;
-            resumed = dir.join(BUCKETS_MAP).exists();
+            // Any map pinned, this version's or an earlier one's: a
+            // mismatch is then reported with the advice to detach.
+            resumed = PINNED_MAPS
+                .iter()
+                .chain(&LEGACY_PINNED_MAPS)
+                .any(|m| dir.join(m).exists());
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -923,7 +932,7 @@ pub fn detach_pinned(dir: &std::path::Path) -> Result<Vec<String>, KernelError> 
         }
         let _ = std::fs::remove_dir(&links);
     }
-    for name in PINNED_MAPS {
+    for name in PINNED_MAPS.iter().chain(&LEGACY_PINNED_MAPS) {
         let path = dir.join(name);
         if path.exists() {
             std::fs::remove_file(&path).map_err(|source| KernelError::Pin {

@@ -46,7 +46,7 @@ pub struct RunArgs {
     /// Replace an XDP program already attached to the interface.
     #[arg(long)]
     replace_xdp: bool,
-    /// Connections the kernel table holds (about 324 bytes of kernel memory each).
+    /// Connections the kernel table holds (about 313 bytes of kernel memory each).
     #[arg(long, default_value_t = DEFAULT_MAX_FLOWS, value_parser = clap::value_parser!(u32).range(1..))]
     max_flows: u32,
     /// Forward the kernel programs' debug log (aya-log) to this process's log; use with -vv.
