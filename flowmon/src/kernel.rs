@@ -754,11 +754,7 @@ impl Kernel {
     /// At least `want` entries from bucket `cursor` on (0 when `None`), and
     /// the bucket to continue from; `None` when the end of the table was
     /// reached.
-    pub fn flows_from(
-        &self,
-        cursor: Option<u64>,
-        want: usize,
-    ) -> Result<Slice, KernelError> {
+    pub fn flows_from(&self, cursor: Option<u64>, want: usize) -> Result<Slice, KernelError> {
         let mut out = Vec::with_capacity(want);
         let mut b = cursor.unwrap_or(0) as usize;
         let n = self.table.buckets();
