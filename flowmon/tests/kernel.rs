@@ -463,6 +463,80 @@ fn a_full_table_evicts_the_least_recently_active_connection() {
 /// tuple of a finished connection in between. The kernel retires the old
 /// lifetime to the ring buffer; the take then finds the new connection,
 /// which must stay in the table, not be reported as finished.
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) {
+    // Safety: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin to CPU {cpu}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn two_cpus_racing_to_insert_a_connection_make_one_entry() {
+    // Two threads on two CPUs run one connection's segment through the XDP
+    // program back to back (`repeat`), while this thread keeps taking its
+    // entry out of the table: after each take both CPUs miss it and race to
+    // insert it again within nanoseconds. The bucket locks must leave at
+    // most one entry for it at any time, and every entry the programs
+    // created must be one that was taken or is still there.
+    const RUNS: u32 = 100;
+    const REPEAT: u32 = 100_000;
+    let k = Kernel::load(LoadOptions {
+        max_flows: 64,
+        ..LoadOptions::default()
+    })
+    .unwrap();
+    let frame = Frame::tcp(ip("10.7.0.9"), 40_000, ip("10.0.0.1"), 443, TCP_ACK)
+        .payload(10)
+        .build();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let running = std::sync::atomic::AtomicUsize::new(2);
+    let (mut taken, mut twice) = (0u64, 0u64);
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let (k, frame, running) = (&k, &frame, &running);
+            s.spawn(move || {
+                pin_to_cpu(t % cpus);
+                for _ in 0..RUNS {
+                    k.xdp()
+                        .test_run(TestRunOptions {
+                            data_in: Some(frame),
+                            repeat: REPEAT,
+                            ..Default::default()
+                        })
+                        .unwrap();
+                }
+                running.fetch_sub(1, std::sync::atomic::Ordering::Release);
+            });
+        }
+        while running.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            let entries = k.flows().unwrap();
+            if entries.len() > 1 {
+                twice += 1;
+            }
+            let got = k.take_flows(&entries).unwrap();
+            taken += got
+                .iter()
+                .filter(|t| matches!(t, flowmon::kernel::Taken::Removed(_)))
+                .count() as u64;
+        }
+    });
+    let left = k.flows().unwrap().len() as u64;
+    assert_eq!(twice, 0, "the connection had two entries at once");
+    assert!(left <= 1);
+    assert!(taken > 10, "only {taken} takes: no race to speak of");
+    let st = stats(&k);
+    assert_eq!(st[STAT_FLOWS_CREATED as usize], taken + left);
+    assert_eq!(st[STAT_TCP as usize], 2 * u64::from(RUNS * REPEAT));
+}
+
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_new_syn_between_read_and_take_stays() {
