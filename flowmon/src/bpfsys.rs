@@ -8,48 +8,21 @@ use std::{
 
 /// The value of a one-entry array map created with `BPF_F_MMAPABLE`, mapped
 /// into this process: read and written in place, without a syscall.
-pub struct Mapped<T> {
-    ptr: std::ptr::NonNull<T>,
-    len: usize,
-}
-
-// Safety: the mapping is owned by this value and only reached through
-// `&mut self` (or `&self` for reads), like a `Box<T>`.
-unsafe impl<T: Send> Send for Mapped<T> {}
+pub struct Mapped<T>(MappedArray<T>);
 
 impl<T: aya::Pod> Mapped<T> {
     /// Maps the value of the array map `map`, whose value type is `T`.
     pub fn new(map: BorrowedFd<'_>) -> io::Result<Self> {
-        // Safety: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let len = size_of::<T>().div_ceil(page) * page;
-        // Safety: a fresh shared mapping of the map's data, which the kernel
-        // page-aligns and sizes to whole pages; nothing else aliases it here.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<T>()).ok_or(io::ErrorKind::Other)?;
-        Ok(Self { ptr, len })
+        MappedArray::new(map, 1).map(Self)
     }
 
     /// The value. BPF programs change it only while this process runs them
     /// through a syscall: take a fresh reference after each such call, and
     /// hold none across it.
     pub fn get_mut(&mut self) -> &mut T {
-        // Safety: mapped for at least size_of::<T>() bytes, page-aligned, T
-        // is Pod (valid for any bytes), and `&mut self` makes this the only
-        // reference.
-        unsafe { self.ptr.as_mut() }
+        // Safety: mapped, page-aligned, T is Pod (valid for any bytes), and
+        // `&mut self` makes this the only reference.
+        unsafe { &mut *self.0.ptr(0) }
     }
 }
 
@@ -122,12 +95,5 @@ impl<T> Drop for MappedArray<T> {
     fn drop(&mut self) {
         // Safety: the mapping made in `new`, unmapped once.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
-    }
-}
-
-impl<T> Drop for Mapped<T> {
-    fn drop(&mut self) {
-        // Safety: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
