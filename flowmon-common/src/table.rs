@@ -91,6 +91,23 @@ pub fn bucket2_of(hash: u64, buckets: u32) -> u32 {
     bucket_of(h, buckets)
 }
 
+/// Which of a key's buckets a new key goes into, given their free slots:
+/// the emptier (the first on a tie); `None` when both are full. Always the
+/// emptier, because preferring the first while it kept a few slots free
+/// (which would leave fewer keys in their second bucket, one bucket line
+/// per lookup) let a key find both full before the table reached its
+/// `--max-flows`, for some seeds (the test below).
+#[inline(always)]
+pub fn pick_bucket(free: [u32; 2]) -> Option<usize> {
+    if free[0] >= free[1] && free[0] > 0 {
+        Some(0)
+    } else if free[1] > 0 {
+        Some(1)
+    } else {
+        None
+    }
+}
+
 /// The tag of a hash: its low word, never 0 (0 marks a free way).
 #[inline(always)]
 pub fn tag_of(hash: u64) -> u32 {
@@ -165,27 +182,32 @@ mod tests {
     #[test]
     fn two_choices_fill_the_table_before_any_bucket_overflows() {
         // As many connections as the table is sized for, each into the
-        // emptier of its buckets: none may find both full.
+        // bucket `pick_bucket` chooses, under several seeds: none may find
+        // both full.
         let buckets = buckets_for(140_000);
-        let mut n = std::vec![0usize; buckets as usize];
-        let keys = 140_000;
-        let mut full = 0;
-        for i in 0..keys as u32 {
-            let mut k = key((i % 60_000) as u16);
-            k.addr_b[..4].copy_from_slice(&(0x0b00_0000 + i / 60_000).to_be_bytes());
-            let h = hash(&k, 99);
-            let (a, b) = (
-                bucket_of(h, buckets) as usize,
-                bucket2_of(h, buckets) as usize,
-            );
-            let pick = if n[b] < n[a] { b } else { a };
-            if n[pick] == WAYS {
-                full += 1;
-            } else {
-                n[pick] += 1;
+        for seed in 0..8u64 {
+            let seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut n = std::vec![0u32; buckets as usize];
+            let (mut full, mut second) = (0, 0);
+            for i in 0..140_000u32 {
+                let mut k = key((i % 60_000) as u16);
+                k.addr_b[..4].copy_from_slice(&(0x0b00_0000 + i / 60_000).to_be_bytes());
+                let h = hash(&k, seed);
+                let b = [
+                    bucket_of(h, buckets) as usize,
+                    bucket2_of(h, buckets) as usize,
+                ];
+                match pick_bucket([WAYS as u32 - n[b[0]], WAYS as u32 - n[b[1]]]) {
+                    Some(i) => {
+                        n[b[i]] += 1;
+                        second += i;
+                    }
+                    None => full += 1,
+                }
             }
+            assert_eq!(full, 0, "seed {seed:#x}");
+            assert!(second < 140_000 / 2, "{second} in their second bucket");
         }
-        assert_eq!(full, 0);
     }
 
     #[test]

@@ -29,7 +29,8 @@ use flowmon_common::{
         STAT_MALFORMED, STAT_NON_TCP, STAT_PACKETS, STAT_RETIRED, STAT_SPLIT_FAILED, STAT_TCP,
     },
     table::{
-        Bucket, Slot, WAYS, bucket_of, bucket2_of, buckets_for, hash, key_eq, last_active, tag_of,
+        Bucket, Slot, WAYS, bucket_of, bucket2_of, buckets_for, hash, key_eq, last_active,
+        pick_bucket, tag_of,
     },
 };
 
@@ -421,11 +422,10 @@ unsafe fn choose(at: &Place, p: &mut Pick) -> (usize, usize) {
         }
         let nfree = (&raw const (*p).nfree).read_volatile();
         let free = (&raw const (*p).free).read_volatile();
-        if nfree[0] >= nfree[1] && nfree[0] > 0 {
-            return (0, free[0] as usize);
-        }
-        if nfree[1] > 0 {
-            return (1, free[1] as usize);
+        match pick_bucket(nfree) {
+            Some(0) => return (0, free[0] as usize),
+            Some(_) => return (1, free[1] as usize),
+            None => {}
         }
         // Both full: only now read the ways' times (28 cache lines).
         let mut i = 0;

@@ -11,7 +11,8 @@ use std::{io, os::fd::BorrowedFd};
 use flowmon_common::{
     flow::{FlowKey, FlowValue},
     table::{
-        Bucket, Slot, WAYS, bucket_of, bucket2_of, hash, key_eq, last_active, tag_of, try_lock,
+        Bucket, Slot, WAYS, bucket_of, bucket2_of, hash, key_eq, last_active, pick_bucket, tag_of,
+        try_lock,
     },
 };
 
@@ -134,16 +135,13 @@ impl FlowTable {
         if hi != lo {
             self.lock(hi);
         }
-        let free = |i: usize| (0..WAYS).filter(|&w| self.tag(b[i], w) == 0).count();
-        let (i, w) = found.unwrap_or_else(|| {
-            let i = if free(0) >= free(1) { 0 } else { 1 };
-            match (0..WAYS).find(|&w| self.tag(b[i], w) == 0) {
-                Some(w) => (i, w),
-                None => (0..2)
-                    .flat_map(|i| (0..WAYS).map(move |w| (i, w)))
-                    .min_by_key(|&(i, w)| last_active(&self.slots.read(b[i] * WAYS + w).value))
-                    .unwrap_or((0, 0)),
-            }
+        let free = |i: usize| (0..WAYS).filter(|&w| self.tag(b[i], w) == 0).count() as u32;
+        let (i, w) = found.unwrap_or_else(|| match pick_bucket([free(0), free(1)]) {
+            Some(i) => (i, (0..WAYS).find(|&w| self.tag(b[i], w) == 0).unwrap_or(0)),
+            None => (0..2)
+                .flat_map(|i| (0..WAYS).map(move |w| (i, w)))
+                .min_by_key(|&(i, w)| last_active(&self.slots.read(b[i] * WAYS + w).value))
+                .unwrap_or((0, 0)),
         });
         let slot = Slot {
             key: *key,
