@@ -62,6 +62,12 @@ pub enum KernelError {
     XdpInUse { iface: String, existing: String },
     #[error("loading flowmon's eBPF programs into the kernel failed")]
     Load(#[source] aya::EbpfError),
+    #[error(
+        "this kernel is Linux {found}: flowmon needs {}.{} or later (its flow table's locks use BPF compare-and-exchange); run it on a newer kernel",
+        MIN_KERNEL.0,
+        MIN_KERNEL.1
+    )]
+    KernelTooOld { found: String },
     #[error("{what} program on {iface} failed")]
     Attach {
         what: &'static str,
@@ -220,6 +226,13 @@ impl Kernel {
         let missing = caps::missing();
         if !missing.is_empty() {
             return Err(KernelError::Privilege { missing });
+        }
+        if let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            && kernel_version(&release).is_some_and(|v| v < MIN_KERNEL)
+        {
+            return Err(KernelError::KernelTooOld {
+                found: release.trim().to_string(),
+            });
         }
         raise_memlock_limit();
         let mut loader = EbpfLoader::new();
@@ -803,6 +816,17 @@ impl Kernel {
     }
 }
 
+/// The oldest kernel the programs load on (README, Requirements).
+pub const MIN_KERNEL: (u32, u32) = (5, 12);
+
+/// Major and minor version of a kernel release string ("6.18.44-fc-v445").
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// The descriptor of map `name`, for mapping it.
 fn map_fd<'a>(
     ebpf: &'a Ebpf,
@@ -960,6 +984,23 @@ fn drain<T: Copy>(ring: &mut RingBuf<MapData>) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_kernel_versions_and_refuses_old_ones() {
+        assert_eq!(kernel_version("6.18.44-fc-v445\n"), Some((6, 18)));
+        assert_eq!(kernel_version("5.12-rc3"), Some((5, 12)));
+        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.11.22").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("5.12.0").unwrap() >= MIN_KERNEL);
+        let e = KernelError::KernelTooOld {
+            found: "5.10.0".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "this kernel is Linux 5.10.0: flowmon needs 5.12 or later (its flow table's locks use BPF compare-and-exchange); run it on a newer kernel"
+        );
+    }
 
     #[test]
     fn names_an_attached_xdp_program() {
