@@ -129,12 +129,15 @@ impl FlowTable {
     /// both), replacing an entry with that key. Tests and benchmarks fill
     /// the table this way.
     pub fn insert(&self, key: &FlowKey, value: &FlowValue) {
-        let (b, tag, found) = self.locate(key);
+        let (b, tag, _) = self.locate(key);
         let (lo, hi) = (b[0].min(b[1]), b[0].max(b[1]));
         self.lock(lo);
         if hi != lo {
             self.lock(hi);
         }
+        // Looked for again under the locks: a packet may have inserted the
+        // key meanwhile.
+        let (_, _, found) = self.locate(key);
         let free = |i: usize| (0..WAYS).filter(|&w| self.tag(b[i], w) == 0).count() as u32;
         let (i, w) = found.unwrap_or_else(|| match pick_bucket([free(0), free(1)]) {
             Some(i) => (i, (0..WAYS).find(|&w| self.tag(b[i], w) == 0).unwrap_or(0)),
