@@ -130,7 +130,7 @@ fn frames() -> [(&'static str, &'static [u8]); 4] {
 }
 
 /// Batches per program and frame in the kernel section.
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 15;
 
 /// SYNs that each create an entry, per table size.
 const NEW_CONNECTIONS: u32 = 20_000;
@@ -321,7 +321,7 @@ fn main() {
         std::process::exit(77);
     }
     let (sizes, agent_sizes, repeat): (&[u32], &[u32], u32) = if quick {
-        (&[1, 10_000, 100_000], &[100_000], 200_000)
+        (&[1, 10_000, 100_000], &[100_000], 100_000)
     } else {
         (
             &[1, 10_000, 100_000, 1_000_000],
