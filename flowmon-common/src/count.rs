@@ -1,10 +1,9 @@
 //! The counting routine: adds one TCP segment to a connection's entry.
 //!
-//! The kernel runs it on map memory that other CPUs update at the same time
-//! (XDP on one receive queue, TC egress on another core), so every counter is
-//! an atomic add and every "first time" is a compare-and-swap from 0: a plain
-//! read-modify-write would lose counts under load. User space runs the very
-//! same code on its own table.
+//! The kernel runs it on map memory that other CPUs may update at the same
+//! time, but each direction of a connection has one writer at a time (see
+//! `bpf_counters` below), so the kernel's counters are plain adds. User space
+//! runs the very same code on its own table.
 
 use crate::{
     flow::{DirStats, FlowValue},
@@ -30,13 +29,27 @@ pub fn starts_new_connection(v: &FlowValue, seg: &TcpSegment) -> bool {
 
 /// Where [`record`] takes the packet's time from (nanoseconds).
 pub trait Clock {
-    /// The exact time: for times that order events (first SYN, FIN, RST, data,
-    /// ACK of each side) and for the packets that may end a connection.
-    fn precise(&self) -> u64;
+    /// The time of a packet that records an event: one that sets one of its
+    /// direction's first times, carries SYN, FIN or RST, or follows its own
+    /// side's FIN or RST. `latest` is the latest time the connection holds,
+    /// either direction. A clock too coarse to tell two packets apart
+    /// returns a time after `latest` ([`ordered`]), so the times keep the
+    /// order in which the events were counted: who sent FIN first, whether
+    /// an RST came after a FIN.
+    fn event(&self, latest: u64) -> u64;
     /// A time at most one kernel tick (4 ms at HZ=250) behind the exact one,
-    /// for refreshing `last_ns` on an established connection's packets, which
-    /// only idle timeouts read. In the kernel it is much cheaper to get.
+    /// for refreshing `last_ns` on an established connection's packets. In
+    /// the kernel it is one inlined load, where an exact clock read is a
+    /// helper call that cost 40 ns a packet in a VM.
     fn coarse(&self) -> u64;
+}
+
+/// An event's time from a coarse clock reading: the reading, or 1 ns past
+/// the connection's latest time when the reading is not after it (events
+/// within one tick), so that events stay ordered.
+#[inline(always)]
+pub fn ordered(coarse: u64, latest: u64) -> u64 {
+    if coarse > latest { coarse } else { latest + 1 }
 }
 
 /// One time for every packet: offline analysis and replay, where the packet's
@@ -46,7 +59,7 @@ pub struct Fixed(pub u64);
 
 impl Clock for Fixed {
     #[inline(always)]
-    fn precise(&self) -> u64 {
+    fn event(&self, _latest: u64) -> u64 {
         self.0
     }
     #[inline(always)]
@@ -59,11 +72,10 @@ impl Clock for Fixed {
 /// stands for (more than 1 only for a GSO super-packet seen at TC egress) and
 /// `ip_bytes` their IP-layer bytes; `clock` gives the packet time.
 ///
-/// The exact time is read only when the packet sets one of the direction's
-/// first-event times, carries SYN, FIN or RST, or follows this side's own FIN
-/// or RST (so the last packets of a closing connection, which end its
-/// duration, are exact); any other packet refreshes `last_ns` from the coarse
-/// clock, never moving it backwards.
+/// A packet that sets one of the direction's first-event times, carries SYN,
+/// FIN or RST, or follows this side's own FIN or RST takes an event time
+/// ([`Clock::event`]) and sets `last_ns`; any other packet refreshes
+/// `last_ns` from the coarse clock, never moving it backwards.
 ///
 /// # Safety
 /// `value` must point to a live, aligned `FlowValue` for the whole call; other
@@ -86,7 +98,7 @@ pub unsafe fn record<C: Clock>(
         }
     };
     // Safety: every field pointer below is derived from the valid `d`, aligned
-    // as the repr(C) layout guarantees, and only accessed atomically.
+    // as the repr(C) layout guarantees.
     unsafe {
         add64(&raw mut (*d).packets, packets as u64);
         add64(&raw mut (*d).bytes, ip_bytes);
@@ -113,7 +125,14 @@ pub unsafe fn record<C: Clock>(
             }
             return;
         }
-        let now = clock.precise();
+        let latest = {
+            let (a, b) = (
+                get(&raw const (*value).dir[0].last_ns),
+                get(&raw const (*value).dir[1].last_ns),
+            );
+            if a > b { a } else { b }
+        };
+        let now = clock.event(latest);
         if flags & TCP_SYN != 0 {
             if flags & TCP_ACK != 0 {
                 add32(&raw mut (*d).synack, 1);
@@ -149,33 +168,38 @@ unsafe fn get<T: Copy>(p: *const T) -> T {
 }
 
 #[cfg(target_arch = "bpf")]
-use bpf_atomics::{add32, add64, first};
+use bpf_counters::{add32, add64, first};
 #[cfg(not(target_arch = "bpf"))]
 use user_atomics::{add32, add64, first};
 
-/// The bpf target has no `core::sync::atomic` read-modify-write types, so the
-/// kernel build uses the intrinsic, which LLVM lowers to the BPF atomic add
-/// (`lock *(u64 *)(r + off) += r`, available since the first eBPF ISA).
+/// Plain adds, not atomic ones: a BPF atomic add is a locked x86
+/// instruction, and the three on a data segment (packets, bytes, data
+/// packets) cost 17 of its 50 ns on the Intel host of the benchmark
+/// (docs/performance.md). What makes plain adds exact is that a direction's
+/// fields have one writer at a time: the two directions are separate
+/// fields, XDP sees a direction's packets from one receive queue (RSS hashes
+/// its tuple to one queue, whose NAPI poll runs on one CPU at a time), and
+/// TC egress sees a socket's segments sent under the socket's lock. Only two
+/// CPUs counting the same direction of the same connection within the same
+/// few nanoseconds could lose one count (a SYN-ACK retransmitted by the
+/// timer while a duplicate SYN draws one from another CPU, say).
 #[cfg(target_arch = "bpf")]
-mod bpf_atomics {
-    use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
-
+mod bpf_counters {
     #[inline(always)]
     pub(super) unsafe fn add64(p: *mut u64, v: u64) {
         // Safety: forwarded from `record`.
-        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, v) };
+        unsafe { p.write_volatile(p.read_volatile().wrapping_add(v)) };
     }
 
     #[inline(always)]
     pub(super) unsafe fn add32(p: *mut u32, v: u32) {
         // Safety: forwarded from `record`.
-        unsafe { atomic_xadd::<u32, u32, { Relaxed }>(p, v) };
+        unsafe { p.write_volatile(p.read_volatile().wrapping_add(v)) };
     }
 
-    /// Sets `*p` to `now` unless an earlier packet already did. Not a
-    /// compare-and-swap: BPF cmpxchg needs ISA v3, which the bpf target does
-    /// not default to. Two CPUs racing here both hold a "first" packet of the
-    /// same direction within nanoseconds of each other, so either time is right.
+    /// Sets `*p` to `now` unless an earlier packet already did. Two CPUs
+    /// racing here both hold a "first" packet of the same direction within
+    /// nanoseconds of each other, so either time is right.
     #[inline(always)]
     pub(super) unsafe fn first(p: *mut u64, now: u64) {
         // Safety: forwarded from `record`.

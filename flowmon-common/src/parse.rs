@@ -6,7 +6,7 @@
 //! the verifier demands. Lengths come from the IP and TCP headers, not from the
 //! frame, so Ethernet padding and capture snap lengths do not change the counts.
 
-use crate::flow::{FAMILY_IPV4, FAMILY_IPV6, FlowKey};
+use crate::flow::{Endpoints, FAMILY_IPV4, FAMILY_IPV6, FlowKey};
 
 const _: () = assert!(core::mem::size_of::<TcpSegment>() == 68);
 
@@ -145,19 +145,24 @@ pub fn parse_l3<P: PacketBytes + ?Sized>(
     vlan: u16,
     seg: &mut TcpSegment,
 ) -> Parsed {
-    seg.key.ifindex = ifindex;
-    seg.key.vlan = vlan;
-    seg.key._pad = 0;
+    let at = Link { ifindex, vlan };
     match ethertype {
-        ETH_P_IPV4 => parse_ipv4(p, off, seg),
-        ETH_P_IPV6 => parse_ipv6(p, off, seg),
+        ETH_P_IPV4 => parse_ipv4(p, off, at, seg),
+        ETH_P_IPV6 => parse_ipv6(p, off, at, seg),
         // A third VLAN tag lands here too: not followed, so not TCP to us.
         _ => Parsed::NotTcp,
     }
 }
 
+/// Where a packet was seen: the key's interface and outer VLAN.
+#[derive(Clone, Copy)]
+struct Link {
+    ifindex: u32,
+    vlan: u16,
+}
+
 #[inline(always)]
-fn parse_ipv4<P: PacketBytes + ?Sized>(p: &P, l3: usize, seg: &mut TcpSegment) -> Parsed {
+fn parse_ipv4<P: PacketBytes + ?Sized>(p: &P, l3: usize, at: Link, seg: &mut TcpSegment) -> Parsed {
     // Whole words: the kernel build then loads the header in five reads, not
     // twenty byte reads shifted together.
     let Some(hdr) = p.load::<[u32; 5]>(l3) else {
@@ -183,14 +188,20 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(p: &P, l3: usize, seg: &mut TcpSegment) -
     if b(9) != IPPROTO_TCP {
         return Parsed::NotTcp;
     }
-    let k = &mut seg.key;
-    k.family = FAMILY_IPV4;
-    k.set_ipv4(hdr[3], hdr[4]);
-    parse_tcp(p, l3, l3 + ihl, total_len - ihl, total_len, seg)
+    let addrs = ([hdr[3], 0, 0, 0], [hdr[4], 0, 0, 0], FAMILY_IPV4);
+    parse_tcp(
+        p,
+        l3,
+        l3 + ihl,
+        total_len - ihl,
+        total_len,
+        (at, addrs),
+        seg,
+    )
 }
 
 #[inline(always)]
-fn parse_ipv6<P: PacketBytes + ?Sized>(p: &P, l3: usize, seg: &mut TcpSegment) -> Parsed {
+fn parse_ipv6<P: PacketBytes + ?Sized>(p: &P, l3: usize, at: Link, seg: &mut TcpSegment) -> Parsed {
     let Some(hdr) = p.load::<[u8; 8]>(l3) else {
         return Parsed::Malformed;
     };
@@ -237,13 +248,22 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(p: &P, l3: usize, seg: &mut TcpSegment) -
     let Some(addrs) = p.load::<[u32; 8]>(l3 + 8) else {
         return Parsed::Malformed;
     };
-    seg.key.family = FAMILY_IPV6;
-    seg.key.set_addrs(addrs);
-    parse_tcp(p, l3, off, payload_len - ext_len, 40 + payload_len, seg)
+    let src = [addrs[0], addrs[1], addrs[2], addrs[3]];
+    let dst = [addrs[4], addrs[5], addrs[6], addrs[7]];
+    let ip_len = 40 + payload_len;
+    parse_tcp(
+        p,
+        l3,
+        off,
+        payload_len - ext_len,
+        ip_len,
+        (at, (src, dst, FAMILY_IPV6)),
+        seg,
+    )
 }
 
-/// Finishes `seg`, whose key already holds the addresses (source in A,
-/// destination in B), family, interface and VLAN.
+/// Finishes `seg` from the TCP header at `l4`, given where the packet was
+/// seen and its addresses (source, destination, family).
 #[inline(always)]
 fn parse_tcp<P: PacketBytes + ?Sized>(
     p: &P,
@@ -251,6 +271,7 @@ fn parse_tcp<P: PacketBytes + ?Sized>(
     l4: usize,
     l4_len: usize,
     ip_len: usize,
+    (at, (src, dst, family)): (Link, ([u32; 4], [u32; 4], u8)),
     seg: &mut TcpSegment,
 ) -> Parsed {
     if l4 > MAX_HEADER_OFFSET {
@@ -270,11 +291,16 @@ fn parse_tcp<P: PacketBytes + ?Sized>(
     if p.load::<u8>(l4 + doff - 1).is_none() {
         return Parsed::Malformed;
     }
-    let sport = u16::from_be_bytes([tcp(0), tcp(1)]);
-    let dport = u16::from_be_bytes([tcp(2), tcp(3)]);
-    seg.key.port_a = sport;
-    seg.key.port_b = dport;
-    seg.dir = seg.key.canonicalize() as u32;
+    let ends = Endpoints {
+        src,
+        dst,
+        sport: u16::from_be_bytes([tcp(0), tcp(1)]),
+        dport: u16::from_be_bytes([tcp(2), tcp(3)]),
+        ifindex: at.ifindex,
+        vlan: at.vlan,
+        family,
+    };
+    seg.dir = seg.key.write_canonical(&ends) as u32;
     seg.flags = u32::from(tcp(13));
     seg.l3_offset = l3 as u32;
     seg.ip_len = ip_len as u32;

@@ -381,7 +381,7 @@ struct TwoClocks {
 }
 
 impl crate::count::Clock for TwoClocks {
-    fn precise(&self) -> u64 {
+    fn event(&self, _latest: u64) -> u64 {
         self.precise
     }
     fn coarse(&self) -> u64 {
@@ -435,4 +435,15 @@ fn routine_packets_take_the_coarse_time_and_never_move_last_back() {
         ),
         (9, 2, 1, 3, 100, 100, 120, 130, 170)
     );
+}
+
+#[test]
+fn a_coarse_clock_keeps_events_in_order_within_a_tick() {
+    use crate::count::ordered;
+    // A reading after everything the connection holds is taken as it is;
+    // one that is not (the same tick, or a tick read late) goes 1 ns past.
+    assert_eq!(ordered(5_000, 3_000), 5_000);
+    assert_eq!(ordered(5_000, 5_000), 5_001);
+    assert_eq!(ordered(4_000, 9_000), 9_001);
+    assert_eq!(ordered(4_000, 0), 4_000);
 }

@@ -1,4 +1,4 @@
-//! Indices of the global per-CPU counters (the STATS map).
+//! The global per-CPU counters (the STATS map) and their indices.
 
 /// Every packet the programs saw.
 pub const STAT_PACKETS: u32 = 0;
@@ -41,3 +41,16 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "retired",
     "dirty_lost",
 ];
+
+/// The one value of the per-CPU STATS map: this CPU's counters, and the
+/// scratch where the programs parse a segment (off the 512-byte BPF stack).
+/// One map for both, so a packet makes one map lookup for them, not three.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuState {
+    /// Indexed by the `STAT_*` constants.
+    pub stats: [u64; STAT_COUNT as usize],
+    pub seg: crate::parse::TcpSegment,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CpuState>() == 152);

@@ -17,6 +17,8 @@ unsafe impl aya::Pod for TakeBatch {}
 // Safety: repr(C) plain data, every bit pattern valid, no padding bytes.
 unsafe impl aya::Pod for crate::table::Bucket {}
 // Safety: as above (the padding is an explicit field).
+unsafe impl aya::Pod for crate::stats::CpuState {}
+// Safety: as above (the padding is an explicit field).
 unsafe impl aya::Pod for crate::table::Slot {}
 
 impl FlowKey {

@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use flowmon_common::{
-    count::{Clock, record, starts_new_connection},
+    count::{Clock, ordered, record, starts_new_connection},
     flow::{
         CLOSED_RING_BYTES, CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, DIRTY_RING_BYTES, FlowKey,
         FlowValue, RetiredFlow, TAKE_ABSENT, TAKE_BATCH, TAKE_REMOVED, TAKE_REPLACED, TakeBatch,
@@ -25,7 +25,7 @@ use flowmon_common::{
     },
     parse::{MAX_HEADER_OFFSET, PacketBytes, Parsed, TcpSegment, parse_ethernet},
     stats::{
-        STAT_COUNT, STAT_DIRTY_LOST, STAT_FLOWS_CREATED, STAT_FRAGMENTS, STAT_INSERT_FAILED,
+        CpuState, STAT_DIRTY_LOST, STAT_FLOWS_CREATED, STAT_FRAGMENTS, STAT_INSERT_FAILED,
         STAT_MALFORMED, STAT_NON_TCP, STAT_PACKETS, STAT_RETIRED, STAT_SPLIT_FAILED, STAT_TCP,
     },
     table::{
@@ -47,8 +47,9 @@ static BUCKETS: Array<Bucket> =
 static SLOTS: Array<Slot> =
     Array::with_max_entries(buckets_for(DEFAULT_MAX_FLOWS) * WAYS as u32, BPF_F_MMAPABLE);
 
+/// This CPU's global counters and parse scratch (one lookup a packet).
 #[map]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+static STATS: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Connections retired because a new one started on their tuple.
 #[map]
@@ -61,10 +62,6 @@ static DIRTY: RingBuf = RingBuf::with_byte_size(DIRTY_RING_BYTES, 0);
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
-
-/// Per-CPU scratch for the segment being parsed, off the 512-byte stack.
-#[map]
-static SEG: PerCpuArray<TcpSegment> = PerCpuArray::with_max_entries(1, 0);
 
 /// A zeroed value to insert from: a 208-byte value on the 512-byte BPF stack
 /// would crowd out the parser's locals.
@@ -102,33 +99,46 @@ impl PacketBytes for Direct {
     }
 }
 
+/// Adds one to this CPU's counter `index`, on the paths that have not
+/// looked the CPU's state up already.
 #[inline(always)]
 fn bump(index: u32) {
-    if let Some(p) = STATS.get_ptr_mut(index) {
-        // Safety: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *p += 1 };
+    if let Some(cpu) = STATS.get_ptr_mut(0) {
+        count(cpu, index);
     }
 }
+
+#[inline(always)]
+fn count(cpu: *mut CpuState, index: u32) {
+    let i = index as usize;
+    if i < STAT_SLOTS {
+        // Safety: this CPU's state, which only this CPU writes, and a
+        // program runs to completion on one CPU without preemption by
+        // another flowmon program on it.
+        unsafe { (*cpu).stats[i] += 1 };
+    }
+}
+
+const STAT_SLOTS: usize = flowmon_common::stats::STAT_COUNT as usize;
 
 /// Parses and counts one packet. `segs` is the number of wire packets the
 /// buffer stands for and `len` its length from the link header on; `None`
 /// means one packet whose IP length is taken from its header.
 #[inline(always)]
 fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Option<(u32, u32)>) {
-    bump(STAT_PACKETS);
-    let Some(seg) = SEG.get_ptr_mut(0) else {
+    let Some(cpu) = STATS.get_ptr_mut(0) else {
         return;
     };
-    // Safety: this CPU's scratch slot; a program runs to completion on one CPU
-    // without preemption by another flowmon program on the same CPU.
-    let seg = unsafe { &mut *seg };
+    count(cpu, STAT_PACKETS);
+    // Safety: this CPU's scratch (see `count`).
+    let seg = unsafe { &mut (*cpu).seg };
     match parse_ethernet(pkt, ifindex, seg) {
         Parsed::Tcp => {}
-        Parsed::NotTcp => return bump(STAT_NON_TCP),
-        Parsed::Fragment => return bump(STAT_FRAGMENTS),
-        Parsed::Malformed => return bump(STAT_MALFORMED),
+        Parsed::NotTcp => return count(cpu, STAT_NON_TCP),
+        Parsed::Fragment => return count(cpu, STAT_FRAGMENTS),
+        Parsed::Malformed => return count(cpu, STAT_MALFORMED),
     };
-    bump(STAT_TCP);
+    count(cpu, STAT_TCP);
     // The one entry of a one-entry array: always there.
     let Some(cfg) = CONFIG.get(0) else { return };
     let clock = Ktime(cfg);
@@ -141,27 +151,23 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
         Some((_, len)) => (1, u64::from(len.saturating_sub(seg.l3_offset))),
         None => (1, u64::from(seg.ip_len)),
     };
-    let Some(at) = Place::of(&seg.key, cfg) else {
-        return bump(STAT_INSERT_FAILED);
-    };
-    let value = match at.find(&seg.key) {
+    let value = match lookup(&seg.key, cfg) {
         // Safety: `v` points into the slot, valid during this run.
-        Some((_, _, v)) if starts_new_connection(unsafe { &*v }, seg) => {
-            if retire(&at, v, seg) {
-                bump(STAT_RETIRED);
-            } else {
-                bump(STAT_SPLIT_FAILED);
+        Some(v) if starts_new_connection(unsafe { &*v }, seg) => {
+            match Place::of(&seg.key, cfg) {
+                Some(at) if retire(&at, v, seg) => bump(STAT_RETIRED),
+                _ => bump(STAT_SPLIT_FAILED),
             }
             v
         }
-        Some((_, _, v)) => v,
-        None => match insert(&at, &seg.key) {
+        Some(v) => v,
+        None => match Place::of(&seg.key, cfg).and_then(|at| insert(&at, &seg.key)) {
             Some(v) => v,
             None => return bump(STAT_INSERT_FAILED),
         },
     };
     // Safety: `value` points into the map element, valid during this program
-    // run; concurrent writers go through `record`'s atomics as well.
+    // run; other writers go through `record` as well.
     unsafe { record(value, seg, packets, ip_bytes, &clock) };
     if cfg.epoch != 0 {
         announce(value, &seg.key, cfg.epoch);
@@ -179,20 +185,22 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
     }
 }
 
-/// CLOCK_MONOTONIC, or the capture time `flowmon replay` sets in
-/// [`Config::clock_override_ns`] for each packet when it is not 0. The exact
-/// clock costs 20–40 ns per read in a VM; the coarse one comes from jiffies
-/// (an inlined load) as the agent calibrated it in the config.
+/// CLOCK_MONOTONIC from jiffies, or the capture time `flowmon replay` sets
+/// in [`Config::clock_override_ns`] for each packet when it is not 0. The
+/// coarse reading is one inlined load, as the agent calibrated it in the
+/// config; an exact one (`bpf_ktime_get_ns`) is a helper call that cost
+/// 40 ns a packet in a VM, more than all the rest of a SYN's, FIN's or
+/// RST's counting. Events take the coarse reading kept in order within the
+/// connection ([`ordered`]).
 struct Ktime<'a>(&'a Config);
 
 impl Clock for Ktime<'_> {
     #[inline(always)]
-    fn precise(&self) -> u64 {
+    fn event(&self, latest: u64) -> u64 {
         if self.0.clock_override_ns != 0 {
             return self.0.clock_override_ns;
         }
-        // Safety: a helper without preconditions.
-        unsafe { bpf_ktime_get_ns() }
+        ordered(self.coarse(), latest)
     }
     #[inline(always)]
     fn coarse(&self) -> u64 {
@@ -247,6 +255,40 @@ unsafe fn copy_value(from: *const FlowValue, to: *mut FlowValue) {
     }
 }
 
+/// Finds `key`'s counters, in its first bucket and only then in its
+/// second: most packets belong to a connection in its first bucket, and
+/// this path computes one bucket and touches one bucket line. Takes no
+/// lock (see flowmon_common::table).
+#[inline(always)]
+fn lookup(key: &FlowKey, cfg: &Config) -> Option<*mut FlowValue> {
+    let h = hash(key, &cfg.seeds);
+    let tag = tag_of(h);
+    match find_in(bucket_of(h, cfg.buckets), tag, key) {
+        Some((_, v)) => Some(v),
+        None => find_in(bucket2_of(h, cfg.buckets), tag, key).map(|(_, v)| v),
+    }
+}
+
+/// Where `key` is in bucket `b`: its way and counters.
+#[inline(always)]
+fn find_in(b: u32, tag: u32, key: &FlowKey) -> Option<(usize, *mut FlowValue)> {
+    let bucket = BUCKETS.get_ptr_mut(b)?;
+    let mut w = 0;
+    while w < WAYS {
+        // Safety: a BUCKETS element, valid during this run; another CPU may
+        // write the tag, so it is read once.
+        if unsafe { (&raw const (*bucket).tags[w]).read_volatile() } == tag {
+            let slot = SLOTS.get_ptr_mut(b * WAYS as u32 + w as u32)?;
+            // Safety: a SLOTS element, valid during this run.
+            if key_eq(unsafe { &(*slot).key }, key) {
+                return Some((w, unsafe { &raw mut (*slot).value }));
+            }
+        }
+        w += 1;
+    }
+    None
+}
+
 /// A key's two buckets (see flowmon_common::table) and its tag.
 struct Place {
     b: [u32; 2],
@@ -257,7 +299,7 @@ struct Place {
 impl Place {
     #[inline(always)]
     fn of(key: &FlowKey, cfg: &Config) -> Option<Self> {
-        let h = hash(key, cfg.seed);
+        let h = hash(key, &cfg.seeds);
         let b = [bucket_of(h, cfg.buckets), bucket2_of(h, cfg.buckets)];
         Some(Self {
             bucket: [BUCKETS.get_ptr_mut(b[0])?, BUCKETS.get_ptr_mut(b[1])?],
@@ -267,27 +309,12 @@ impl Place {
     }
 
     /// Where `key` is: which of the two buckets, the way, and its counters.
-    /// Takes no lock (see flowmon_common::table).
     #[inline(always)]
     fn find(&self, key: &FlowKey) -> Option<(usize, usize, *mut FlowValue)> {
-        let mut i = 0;
-        while i < 2 {
-            let mut w = 0;
-            while w < WAYS {
-                // Safety: a BUCKETS element, valid during this run; another
-                // CPU may write the tag, so it is read once.
-                if unsafe { (&raw const (*self.bucket[i]).tags[w]).read_volatile() } == self.tag {
-                    let slot = SLOTS.get_ptr_mut(self.b[i] * WAYS as u32 + w as u32)?;
-                    // Safety: a SLOTS element, valid during this run.
-                    if key_eq(unsafe { &(*slot).key }, key) {
-                        return Some((i, w, unsafe { &raw mut (*slot).value }));
-                    }
-                }
-                w += 1;
-            }
-            i += 1;
+        if let Some((w, v)) = find_in(self.b[0], self.tag, key) {
+            return Some((0, w, v));
         }
-        None
+        find_in(self.b[1], self.tag, key).map(|(w, v)| (1, w, v))
     }
 
     /// Takes both buckets' locks, the lower-numbered first; false (none
@@ -359,7 +386,7 @@ fn insert(at: &Place, key: &FlowKey) -> Option<*mut FlowValue> {
         at.unlock();
         return None;
     };
-    // Safety: this CPU's scratch slot (see SEG); the buckets are valid
+    // Safety: this CPU's scratch slot (see STATS); the buckets are valid
     // during this run, their locks held.
     let (i, w) = unsafe { choose(at, &mut *pick) };
     let got = if i == 0 {

@@ -11,8 +11,8 @@ use std::{io, os::fd::BorrowedFd};
 use flowmon_common::{
     flow::{FlowKey, FlowValue},
     table::{
-        Bucket, Slot, WAYS, bucket_of, bucket2_of, hash, key_eq, last_active, pick_bucket, tag_of,
-        try_lock,
+        Bucket, Seeds, Slot, WAYS, bucket_of, bucket2_of, hash, key_eq, last_active, pick_bucket,
+        tag_of, try_lock,
     },
 };
 
@@ -21,22 +21,22 @@ use crate::bpfsys::MappedArray;
 pub struct FlowTable {
     buckets: MappedArray<Bucket>,
     slots: MappedArray<Slot>,
-    seed: u64,
+    seeds: Seeds,
 }
 
 impl FlowTable {
     /// Maps the BUCKETS and SLOTS maps (`buckets` and `buckets * WAYS`
-    /// elements); `seed` is the table's hash seed.
+    /// elements); `seeds` is the table's hash seed.
     pub fn new(
         buckets: BorrowedFd<'_>,
         slots: BorrowedFd<'_>,
         n: u32,
-        seed: u64,
+        seeds: Seeds,
     ) -> io::Result<Self> {
         Ok(Self {
             buckets: MappedArray::new(buckets, n as usize)?,
             slots: MappedArray::new(slots, n as usize * WAYS)?,
-            seed,
+            seeds,
         })
     }
 
@@ -90,7 +90,7 @@ impl FlowTable {
     /// Where `key` may live: its two buckets and tag, and, if present, its
     /// bucket (0 or 1) and way.
     fn locate(&self, key: &FlowKey) -> ([usize; 2], u32, Option<(usize, usize)>) {
-        let h = hash(key, self.seed);
+        let h = hash(key, &self.seeds);
         let n = self.buckets() as u32;
         let b = [bucket_of(h, n) as usize, bucket2_of(h, n) as usize];
         let tag = tag_of(h);

@@ -21,8 +21,8 @@ use flowmon_common::{
         CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, RetiredFlow, TAKE_ABSENT,
         TAKE_BATCH, TAKE_PENDING, TAKE_REMOVED, TAKE_REPLACED, TakeBatch,
     },
-    stats::STAT_COUNT,
-    table::{WAYS, buckets_for},
+    stats::{CpuState, STAT_COUNT},
+    table::{Seeds, WAYS, buckets_for},
 };
 
 use crate::{caps, flowtable::FlowTable, iface};
@@ -306,7 +306,7 @@ impl Kernel {
             // This agent starts by reading the whole table.
             config.epoch = 0;
         } else {
-            config.seed = random_seed();
+            config.seeds = Seeds::new(random_seed());
             config.buckets = buckets;
             config.max_flows = opts.max_flows;
         }
@@ -315,7 +315,7 @@ impl Kernel {
             map_fd(&ebpf, BUCKETS_MAP)?,
             map_fd(&ebpf, SLOTS_MAP)?,
             config.buckets,
-            config.seed,
+            config.seeds,
         )
         .map_err(|source| KernelError::Syscall {
             call: "mmap",
@@ -794,18 +794,20 @@ impl Kernel {
             .ebpf
             .map(STATS_MAP)
             .ok_or(KernelError::MapMissing { map: STATS_MAP })?;
-        let arr: PerCpuArray<&MapData, u64> =
+        let arr: PerCpuArray<&MapData, CpuState> =
             PerCpuArray::try_from(map).map_err(|source| KernelError::Map {
                 map: STATS_MAP,
                 source,
             })?;
+        let per_cpu = arr.get(&0, 0).map_err(|source| KernelError::Map {
+            map: STATS_MAP,
+            source,
+        })?;
         let mut out = [0u64; STAT_COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let per_cpu = arr.get(&(i as u32), 0).map_err(|source| KernelError::Map {
-                map: STATS_MAP,
-                source,
-            })?;
-            *slot = per_cpu.iter().sum();
+        for cpu in per_cpu.iter() {
+            for (total, n) in out.iter_mut().zip(cpu.stats) {
+                *total += n;
+            }
         }
         Ok(out)
     }
