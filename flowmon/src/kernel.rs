@@ -124,7 +124,7 @@ pub enum KernelError {
     },
 }
 
-/// How to attach the XDP program.
+/// How to attach the XDP program, or where else to count received packets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum XdpAttach {
     /// Native (driver) mode where the driver supports it, generic otherwise.
@@ -132,6 +132,24 @@ pub enum XdpAttach {
     Auto,
     Native,
     Generic,
+    /// No XDP program: the TC program counts received packets at ingress
+    /// too. Cheaper on veth and other virtual interfaces, where an XDP
+    /// program moves receiving to NAPI and copies packets without XDP's
+    /// headroom (docs/performance.md).
+    Tc,
+}
+
+/// The link that counts an interface's received packets.
+enum IngressLink {
+    Xdp(aya::programs::xdp::XdpLinkId),
+    Tc(aya::programs::tc::SchedClassifierLinkId),
+}
+
+/// Where an interface's links are pinned: XDP or TC ingress, and TC egress.
+struct LinkPins {
+    xdp: PathBuf,
+    tc_ingress: PathBuf,
+    tc: PathBuf,
 }
 
 /// Options fixed at load time.
@@ -153,6 +171,17 @@ impl Default for LoadOptions {
             kernel_log: false,
             pin: None,
         }
+    }
+}
+
+/// [`Attached::xdp_mode`] of an interface whose received packets TC counts.
+pub const TC_INGRESS: &str = "tc-ingress";
+
+fn pin_error(what: &'static str, iface: &str, reason: impl ToString) -> KernelError {
+    KernelError::PinLink {
+        what,
+        iface: iface.to_string(),
+        reason: reason.to_string(),
     }
 }
 
@@ -178,7 +207,9 @@ const LEGACY_PINNED_MAPS: [&str; 1] = ["FLOWS"];
 pub struct Attached {
     pub iface: String,
     pub ifindex: u32,
-    /// "native" or "generic".
+    /// The XDP program's mode, "native" or "generic"; [`TC_INGRESS`] when
+    /// TC counts received packets; "pinned" when an earlier agent's links
+    /// were kept.
     pub xdp_mode: &'static str,
 }
 
@@ -403,52 +434,56 @@ impl Kernel {
         self.write_config()
     }
 
-    fn link_paths(&self, ifindex: u32) -> Option<(PathBuf, PathBuf)> {
+    fn link_paths(&self, ifindex: u32) -> Option<LinkPins> {
         let dir = self.pin.as_ref()?.join("links");
-        Some((
-            dir.join(format!("xdp-{ifindex}")),
-            dir.join(format!("tc-{ifindex}")),
-        ))
+        Some(LinkPins {
+            xdp: dir.join(format!("xdp-{ifindex}")),
+            tc_ingress: dir.join(format!("tcin-{ifindex}")),
+            tc: dir.join(format!("tc-{ifindex}")),
+        })
     }
 
-    /// Pins the links just attached to `ifindex` (the last XDP and TC links
-    /// the programs hold), so the programs stay attached after this process.
+    /// Pins the links just attached to `name` (`ifindex`), so the programs
+    /// stay attached after this process.
     fn pin_links(
         &mut self,
         name: &str,
-        xdp_link: aya::programs::xdp::XdpLinkId,
+        ingress: IngressLink,
         tc_link: aya::programs::tc::SchedClassifierLinkId,
-        paths: (PathBuf, PathBuf),
+        pins: LinkPins,
     ) -> Result<(), KernelError> {
-        let pin_err = |what: &'static str| {
-            move |e: String| KernelError::PinLink {
-                what,
-                iface: name.to_string(),
-                reason: e,
+        let not_tcx = "the TC link is not a BPF link: pinning needs TCX (Linux 6.6)";
+        let (what, link, path) = match ingress {
+            IngressLink::Xdp(id) => {
+                let xdp: &mut Xdp = self.program_mut(XDP_PROGRAM)?;
+                let link = xdp.take_link(id).map_err(|e| pin_error("XDP", name, e))?;
+                let fd = FdLink::try_from(link).map_err(|e| pin_error("XDP", name, e))?;
+                ("XDP", fd, pins.xdp)
+            }
+            IngressLink::Tc(id) => {
+                let tc: &mut SchedClassifier = self.program_mut(TC_PROGRAM)?;
+                let link = tc
+                    .take_link(id)
+                    .map_err(|e| pin_error("TC ingress", name, e))?;
+                let fd =
+                    FdLink::try_from(link).map_err(|_| pin_error("TC ingress", name, not_tcx))?;
+                ("TC ingress", fd, pins.tc_ingress)
             }
         };
-        let xdp: &mut Xdp = self.program_mut(XDP_PROGRAM)?;
-        let link = xdp
-            .take_link(xdp_link)
-            .map_err(|e| pin_err("XDP")(e.to_string()))?;
-        let fd = FdLink::try_from(link).map_err(|e| pin_err("XDP")(e.to_string()))?;
-        let pinned = fd
-            .pin(&paths.0)
-            .map_err(|e| pin_err("XDP")(e.to_string()))?;
+        let pinned = link.pin(&path).map_err(|e| pin_error(what, name, e))?;
         self.pinned_links.push(pinned);
         let tc: &mut SchedClassifier = self.program_mut(TC_PROGRAM)?;
         let link = tc
             .take_link(tc_link)
-            .map_err(|e| pin_err("TC")(e.to_string()))?;
-        let fd = FdLink::try_from(link).map_err(|_| {
-            pin_err("TC")("the TC link is not a BPF link: pinning needs TCX (Linux 6.6)".into())
-        })?;
-        let pinned = fd.pin(&paths.1).map_err(|e| pin_err("TC")(e.to_string()))?;
+            .map_err(|e| pin_error("TC", name, e))?;
+        let fd = FdLink::try_from(link).map_err(|_| pin_error("TC", name, not_tcx))?;
+        let pinned = fd.pin(&pins.tc).map_err(|e| pin_error("TC", name, e))?;
         self.pinned_links.push(pinned);
         Ok(())
     }
 
-    /// Attaches XDP (ingress) and TC egress to `name`.
+    /// Attaches XDP (or TC, with [`XdpAttach::Tc`]) at ingress and TC at
+    /// egress to `name`.
     pub fn attach(
         &mut self,
         name: &str,
@@ -458,15 +493,15 @@ impl Kernel {
         let ifindex = iface::index(name).ok_or_else(|| KernelError::UnknownInterface {
             iface: name.to_string(),
         })?;
-        let paths = self.link_paths(ifindex);
-        if let Some((xdp, tc)) = &paths
-            && xdp.exists()
-            && tc.exists()
+        let pins = self.link_paths(ifindex);
+        if let Some(p) = &pins
+            && let Some(ingress) = [&p.xdp, &p.tc_ingress].into_iter().find(|p| p.exists())
+            && p.tc.exists()
         {
             // An earlier agent's programs are still attached and counting
             // into the pinned maps: keep them.
-            for p in [xdp, tc] {
-                let link = PinnedLink::from_pin(p).map_err(|e| KernelError::PinLink {
+            for path in [ingress, &p.tc] {
+                let link = PinnedLink::from_pin(path).map_err(|e| KernelError::PinLink {
                     what: "opening the pinned",
                     iface: name.to_string(),
                     reason: e.to_string(),
@@ -476,28 +511,31 @@ impl Kernel {
             let a = Attached {
                 iface: name.to_string(),
                 ifindex,
-                xdp_mode: "pinned",
+                xdp_mode: if ingress == &p.xdp {
+                    "pinned"
+                } else {
+                    TC_INGRESS
+                },
             };
             self.attached.push(a.clone());
             return Ok(a);
         }
-        let (xdp_mode, xdp_link) = self.attach_xdp(name, ifindex, mode, replace)?;
         // Before TCX (Linux 6.6) TC programs hang off a clsact qdisc; an
         // existing one is fine. With TCX nothing is created, so nothing stays.
         let tcx = aya::util::KernelVersion::new(6, 6, 0);
         if aya::util::KernelVersion::current().is_ok_and(|v| v < tcx) {
             let _ = tc::qdisc_add_clsact(ifindex);
         }
-        let prog: &mut SchedClassifier = self.program_mut(TC_PROGRAM)?;
-        let tc_link = prog
-            .attach(ifindex, TcAttachType::Egress)
-            .map_err(|source| KernelError::Attach {
-                what: "attaching the TC egress",
-                iface: name.to_string(),
-                source,
-            })?;
-        if let Some(paths) = paths {
-            self.pin_links(name, xdp_link, tc_link, paths)?;
+        let (xdp_mode, ingress) = if mode == XdpAttach::Tc {
+            let link = self.attach_tc(name, ifindex, TcAttachType::Ingress)?;
+            (TC_INGRESS, IngressLink::Tc(link))
+        } else {
+            let (label, link) = self.attach_xdp(name, ifindex, mode, replace)?;
+            (label, IngressLink::Xdp(link))
+        };
+        let tc_link = self.attach_tc(name, ifindex, TcAttachType::Egress)?;
+        if let Some(pins) = pins {
+            self.pin_links(name, ingress, tc_link, pins)?;
         }
         let a = Attached {
             iface: name.to_string(),
@@ -506,6 +544,25 @@ impl Kernel {
         };
         self.attached.push(a.clone());
         Ok(a)
+    }
+
+    fn attach_tc(
+        &mut self,
+        name: &str,
+        ifindex: u32,
+        at: TcAttachType,
+    ) -> Result<aya::programs::tc::SchedClassifierLinkId, KernelError> {
+        let prog: &mut SchedClassifier = self.program_mut(TC_PROGRAM)?;
+        prog.attach(ifindex, at)
+            .map_err(|source| KernelError::Attach {
+                what: if at == TcAttachType::Ingress {
+                    "attaching the TC ingress"
+                } else {
+                    "attaching the TC egress"
+                },
+                iface: name.to_string(),
+                source,
+            })
     }
 
     fn attach_xdp(
@@ -519,6 +576,7 @@ impl Kernel {
             XdpAttach::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
             XdpAttach::Native => &[(XdpMode::Driver, "native")],
             XdpAttach::Generic => &[(XdpMode::Skb, "generic")],
+            XdpAttach::Tc => &[],
         };
         let mut replaced = false;
         let mut last = None;

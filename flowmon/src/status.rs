@@ -109,7 +109,10 @@ impl Status {
                 "interfaces",
                 self.ifaces
                     .iter()
-                    .map(|i| format!("{} (XDP {}, TC egress)", i.name, i.xdp_mode))
+                    .map(|i| match i.xdp_mode.as_str() {
+                        crate::kernel::TC_INGRESS => format!("{} (TC ingress and egress)", i.name),
+                        mode => format!("{} (XDP {mode}, TC egress)", i.name),
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
             ),

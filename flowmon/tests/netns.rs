@@ -45,6 +45,11 @@ impl Ctx<'_> {
 /// IPv6 (it returns the client's port), and checks every connection against
 /// the capture; returns the client's and server's view of each family's connection.
 fn run(scenario: fn(&Ctx) -> u16) -> Vec<(DirStats, DirStats)> {
+    run_with(scenario, XdpAttach::Native)
+}
+
+/// [`run`], counting received packets as `mode` says.
+fn run_with(scenario: fn(&Ctx) -> u16, mode: XdpAttach) -> Vec<(DirStats, DirStats)> {
     let pair = Pair::new();
     let capture = pair.capture();
     let clt_ns = pair.clt_ns.clone();
@@ -65,8 +70,12 @@ fn run(scenario: fn(&Ctx) -> u16) -> Vec<(DirStats, DirStats)> {
                 ..LoadOptions::default()
             })
             .expect("load");
-            let a = k.attach(&clt_if, XdpAttach::Native, false).expect("attach");
-            assert_eq!(a.xdp_mode, "native", "veth supports native XDP");
+            let a = k.attach(&clt_if, mode, false).expect("attach");
+            let expected = match mode {
+                XdpAttach::Tc => flowmon::kernel::TC_INGRESS,
+                _ => "native",
+            };
+            assert_eq!(a.xdp_mode, expected, "veth supports native XDP");
             let mut ports = Vec::new();
             for srv in [pair_ref.srv_v4, pair_ref.srv_v6] {
                 ports.push((
@@ -211,6 +220,24 @@ fn client_abort() {
     for (clt, srv) in run(client_abort_scenario) {
         assert_eq!(flags(&clt), (1, 0, 0, 1));
         assert_eq!(flags(&srv), (0, 1, 0, 0));
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn tc_ingress_counts_what_xdp_would() {
+    // `--ingress tc`: the TC program counts received packets too, exactly
+    // as the capture has them, both ways, for a clean close and an abort.
+    for (clt, srv) in run_with(graceful, XdpAttach::Tc) {
+        assert_eq!((flags(&clt), flags(&srv)), ((1, 0, 1, 0), (0, 1, 1, 0)));
+        assert!(
+            clt.first_fin_ns < srv.first_fin_ns,
+            "the client closed first"
+        );
+        assert_eq!((clt.data_packets, srv.data_packets), (1, 1));
+    }
+    for (clt, srv) in run_with(server_abort_scenario, XdpAttach::Tc) {
+        assert_eq!((flags(&clt), flags(&srv)), ((1, 0, 0, 0), (0, 1, 0, 1)));
     }
 }
 

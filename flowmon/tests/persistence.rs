@@ -51,13 +51,27 @@ fn history(db: &str) -> Vec<Value> {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_killed_agent_loses_and_doubles_nothing() {
+    killed_agent(&[], "(XDP pinned, TC egress)", true);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_killed_agent_counting_at_tc_ingress_loses_and_doubles_nothing() {
+    killed_agent(&["--ingress", "tc"], "(TC ingress and egress)", false);
+}
+
+/// Runs an agent with `--persist` (and `extra`), kills it, lets traffic
+/// flow with no agent, resumes from the pins (its banner naming `hooks`)
+/// and checks every connection was reported once with the wire's counts.
+fn killed_agent(extra: &[&str], hooks: &str, xdp: bool) {
     let pair = Pair::new();
     let dir = tempfile::tempdir().unwrap();
     let bpffs = Bpffs::mount(&dir.path().join("bpf"));
     let pins = bpffs.0.join("flowmon").to_string_lossy().into_owned();
     let db = dir.path().join("history.db").to_string_lossy().into_owned();
     let sock = dir.path().join("api.sock").to_string_lossy().into_owned();
-    let args = ["--db", &db, "--persist", "--pin-dir", &pins];
+    let mut args = vec!["--db", db.as_str(), "--persist", "--pin-dir", &pins];
+    args.extend(extra);
     let capture = pair.capture();
     let srv = pair.srv_v4;
     let l = Pair::in_ns(&pair.srv_ns, move || {
@@ -115,8 +129,9 @@ fn a_killed_agent_loses_and_doubles_nothing() {
     let mut a = a;
     a.child.kill().unwrap();
     a.child.wait().unwrap();
-    assert!(
+    assert_eq!(
         xdp_attached(&pair.clt_ns, &pair.clt_if),
+        xdp,
         "the pinned program stays attached"
     );
 
@@ -138,7 +153,7 @@ fn a_killed_agent_loses_and_doubles_nothing() {
         "{}",
         b.banner
     );
-    assert!(b.banner.contains("(XDP pinned, TC egress)"), "{}", b.banner);
+    assert!(b.banner.contains(hooks), "{}", b.banner);
     let deadline = Instant::now() + Duration::from_secs(10);
     while history(&db).len() < 9 {
         assert!(
@@ -150,8 +165,9 @@ fn a_killed_agent_loses_and_doubles_nothing() {
     }
     let wire = capture.finish();
     b.stop();
-    assert!(
+    assert_eq!(
         xdp_attached(&pair.clt_ns, &pair.clt_if),
+        xdp,
         "a stopped --persist agent leaves the programs"
     );
 

@@ -233,16 +233,25 @@ enum Monitor {
     None,
     Flowmon,
     FlowmonGeneric,
+    FlowmonTc,
     Tcpdump,
     Pmacct,
 }
 
 impl Monitor {
+    fn is_flowmon(self) -> bool {
+        matches!(
+            self,
+            Monitor::Flowmon | Monitor::FlowmonGeneric | Monitor::FlowmonTc
+        )
+    }
+
     fn name(self) -> &'static str {
         match self {
             Monitor::None => "nothing (baseline)",
             Monitor::Flowmon => "flowmon (XDP native)",
             Monitor::FlowmonGeneric => "flowmon (XDP generic)",
+            Monitor::FlowmonTc => "flowmon (TC ingress)",
             Monitor::Tcpdump => "tcpdump -w /dev/null (libpcap)",
             Monitor::Pmacct => "pmacctd, per-flow (libpcap)",
         }
@@ -261,7 +270,7 @@ fn start(m: Monitor, dir: &Path) -> Running {
     let s = |p: &str| dir.join(p).to_string_lossy().into_owned();
     let child = match m {
         Monitor::None => None,
-        Monitor::Flowmon | Monitor::FlowmonGeneric => {
+        Monitor::Flowmon | Monitor::FlowmonGeneric | Monitor::FlowmonTc => {
             let sock = s("api.sock");
             // FLOWMON_BENCH_PROFILE=DIR records each agent under `perf
             // record` into DIR, for finding where its time goes (its CPU
@@ -288,11 +297,14 @@ fn start(m: Monitor, dir: &Path) -> Running {
             argv.extend([
                 env!("CARGO_BIN_EXE_flowmon"),
                 "run",
-                "--xdp-mode",
-                if m == Monitor::Flowmon {
-                    "native"
-                } else {
-                    "generic"
+                match m {
+                    Monitor::FlowmonTc => "--ingress",
+                    _ => "--xdp-mode",
+                },
+                match m {
+                    Monitor::Flowmon => "native",
+                    Monitor::FlowmonGeneric => "generic",
+                    _ => "tc",
                 },
                 "--iface",
                 SRV_IF,
@@ -412,7 +424,7 @@ fn counted(
     let sock = r.dir.join("api.sock").to_string_lossy().into_owned();
     match m {
         Monitor::None => (0, None),
-        Monitor::Flowmon | Monitor::FlowmonGeneric => {
+        Monitor::Flowmon | Monitor::FlowmonGeneric | Monitor::FlowmonTc => {
             // The counters and every connection (finished and open).
             let flows = Command::new(env!("CARGO_BIN_EXE_flowmon"))
                 .args(["flows", "--socket", &sock, "--json"])
@@ -553,6 +565,7 @@ fn compare(dir: &Path, label: &str, warm_up: Option<&Path>, mut load: impl FnMut
         Monitor::None,
         Monitor::Flowmon,
         Monitor::FlowmonGeneric,
+        Monitor::FlowmonTc,
         Monitor::Tcpdump,
         Monitor::Pmacct,
     ] {
@@ -561,9 +574,9 @@ fn compare(dir: &Path, label: &str, warm_up: Option<&Path>, mut load: impl FnMut
             let (packets, _) = replay(pcap, 0);
             thread::sleep(Duration::from_millis(3500));
             r.before = match m {
-                Monitor::Flowmon | Monitor::FlowmonGeneric => flowmon_tcp(&r),
+                m if m.is_flowmon() => flowmon_tcp(&r),
                 Monitor::Tcpdump => packets,
-                Monitor::None | Monitor::Pmacct => 0,
+                _ => 0,
             };
         }
         let pid = r.child.as_ref().map(Child::id);

@@ -43,6 +43,11 @@ pub struct RunArgs {
     /// XDP attach mode: native where the driver supports it, else generic.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
+    /// What counts received packets: the XDP program (cheapest on a
+    /// physical NIC) or the TC program at ingress (cheaper on veth and other
+    /// virtual interfaces, where XDP copies or reschedules every packet).
+    #[arg(long, value_enum, default_value_t = IngressArg::Xdp)]
+    ingress: IngressArg,
     /// Replace an XDP program already attached to the interface.
     #[arg(long)]
     replace_xdp: bool,
@@ -128,6 +133,12 @@ enum XdpModeArg {
     Generic,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum IngressArg {
+    Xdp,
+    Tc,
+}
+
 /// The resolved configuration: nothing past here sees a clap type.
 #[derive(Debug)]
 pub struct RunConfig {
@@ -164,10 +175,11 @@ impl RunArgs {
             ifaces,
             interval: self.interval,
             json: self.json,
-            xdp: match self.xdp_mode {
-                XdpModeArg::Auto => XdpAttach::Auto,
-                XdpModeArg::Native => XdpAttach::Native,
-                XdpModeArg::Generic => XdpAttach::Generic,
+            xdp: match (self.ingress, self.xdp_mode) {
+                (IngressArg::Tc, _) => XdpAttach::Tc,
+                (IngressArg::Xdp, XdpModeArg::Auto) => XdpAttach::Auto,
+                (IngressArg::Xdp, XdpModeArg::Native) => XdpAttach::Native,
+                (IngressArg::Xdp, XdpModeArg::Generic) => XdpAttach::Generic,
             },
             replace_xdp: self.replace_xdp,
             load: LoadOptions {
@@ -279,10 +291,11 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     for name in &cfg.ifaces {
         let a = kernel.attach(name, cfg.xdp, cfg.replace_xdp)?;
-        eprintln!(
-            "flowmon: watching {} (XDP {}, TC egress); Ctrl-C to stop",
-            a.iface, a.xdp_mode
-        );
+        let hooks = match a.xdp_mode {
+            kernel::TC_INGRESS => "TC ingress and egress".to_string(),
+            mode => format!("XDP {mode}, TC egress"),
+        };
+        eprintln!("flowmon: watching {} ({hooks}); Ctrl-C to stop", a.iface);
     }
     let mut agent = Agent::new(kernel, cfg.timeouts);
     agent.keep = cfg.keep;
