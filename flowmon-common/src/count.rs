@@ -104,13 +104,17 @@ pub unsafe fn record<C: Clock>(
         add64(&raw mut (*d).bytes, ip_bytes);
         let flags = seg.flags as u8;
         let pure_ack = flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && flags & TCP_ACK != 0;
+        // A first data or pure-ACK time is set with the first time, so
+        // checking it covers both. FIN and RST counts, adjacent, are read
+        // as one word: no FIN or RST from this side yet.
         let routine = flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
-            && get(&raw const (*d).first_ns) != 0
-            && (get(&raw const (*d).fin) | get(&raw const (*d).rst)) == 0
+            && get((&raw const (*d).fin).cast::<u64>()) == 0
             && if seg.payload_len > 0 {
                 get(&raw const (*d).first_data_ns) != 0
+            } else if pure_ack {
+                get(&raw const (*d).first_ack_ns) != 0
             } else {
-                !pure_ack || get(&raw const (*d).first_ack_ns) != 0
+                get(&raw const (*d).first_ns) != 0
             };
         if seg.payload_len > 0 {
             add32(&raw mut (*d).data_packets, packets);

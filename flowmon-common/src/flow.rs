@@ -164,6 +164,10 @@ pub struct DirStats {
     pub first_ack_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<DirStats>() == 104);
+// The counting routine reads `fin` and `rst` as one aligned word.
+const _: () =
+    assert!(core::mem::offset_of!(DirStats, rst) == core::mem::offset_of!(DirStats, fin) + 4);
+const _: () = assert!(core::mem::offset_of!(DirStats, fin) % 8 == 0);
 
 /// Value of the flow table: both directions of one connection.
 #[repr(C)]

@@ -107,6 +107,10 @@ pub fn parse_ethernet<P: PacketBytes + ?Sized>(
     let Some(mut ethertype) = be16(p, 12) else {
         return Parsed::Malformed;
     };
+    // Untagged IPv4 first: most packets are, and it skips the tag checks.
+    if ethertype == ETH_P_IPV4 {
+        return parse_l3(p, ETH_HLEN, ethertype, ifindex, 0, seg);
+    }
     let mut off = ETH_HLEN;
     if ethertype == ETH_P_FABRICPATH {
         let Some(inner) = be16(p, FABRICPATH_HLEN + 12) else {

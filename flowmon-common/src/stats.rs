@@ -1,6 +1,7 @@
 //! The global per-CPU counters (the STATS map) and their indices.
 
-/// Every packet the programs saw.
+/// Every packet the programs saw: the sum of the next four, which user
+/// space computes (the programs leave this slot 0).
 pub const STAT_PACKETS: u32 = 0;
 /// TCP segments counted in the flow table (first fragments included).
 pub const STAT_TCP: u32 = 1;

@@ -26,7 +26,7 @@ use flowmon_common::{
     parse::{MAX_HEADER_OFFSET, PacketBytes, Parsed, TcpSegment, parse_ethernet},
     stats::{
         CpuState, STAT_DIRTY_LOST, STAT_FLOWS_CREATED, STAT_FRAGMENTS, STAT_INSERT_FAILED,
-        STAT_MALFORMED, STAT_NON_TCP, STAT_PACKETS, STAT_RETIRED, STAT_SPLIT_FAILED, STAT_TCP,
+        STAT_MALFORMED, STAT_NON_TCP, STAT_RETIRED, STAT_SPLIT_FAILED, STAT_TCP,
     },
     table::{
         Bucket, Slot, WAYS, bucket_of, bucket2_of, buckets_for, hash, key_eq, last_active,
@@ -129,7 +129,6 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
     let Some(cpu) = STATS.get_ptr_mut(0) else {
         return;
     };
-    count(cpu, STAT_PACKETS);
     // Safety: this CPU's scratch (see `count`).
     let seg = unsafe { &mut (*cpu).seg };
     match parse_ethernet(pkt, ifindex, seg) {

@@ -21,7 +21,9 @@ use flowmon_common::{
         CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, RetiredFlow, TAKE_ABSENT,
         TAKE_BATCH, TAKE_PENDING, TAKE_REMOVED, TAKE_REPLACED, TakeBatch,
     },
-    stats::{CpuState, STAT_COUNT},
+    stats::{
+        CpuState, STAT_COUNT, STAT_FRAGMENTS, STAT_MALFORMED, STAT_NON_TCP, STAT_PACKETS, STAT_TCP,
+    },
     table::{Seeds, WAYS, buckets_for},
 };
 
@@ -867,6 +869,12 @@ impl Kernel {
                 *total += n;
             }
         }
+        // Every packet lands in exactly one of these, so the programs do
+        // not count packets separately.
+        out[STAT_PACKETS as usize] = [STAT_TCP, STAT_NON_TCP, STAT_MALFORMED, STAT_FRAGMENTS]
+            .iter()
+            .map(|&i| out[i as usize])
+            .sum();
         Ok(out)
     }
 
