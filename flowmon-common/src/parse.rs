@@ -181,8 +181,9 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(p: &P, l3: usize, at: Link, seg: &mut Tcp
     if ihl < 20 || total_len < ihl {
         return Parsed::Malformed;
     }
-    // Options (IHL > 5) must be present in full.
-    if p.load::<u8>(l3 + ihl - 1).is_none() {
+    // Options (IHL > 5) must be present in full; without options the load
+    // above covered the header.
+    if ihl > 20 && p.load::<u8>(l3 + ihl - 1).is_none() {
         return Parsed::Malformed;
     }
     let frag_offset = u16::from_be_bytes([b(6), b(7)]) & 0x1fff;
@@ -281,9 +282,8 @@ fn parse_tcp<P: PacketBytes + ?Sized>(
     if l4 > MAX_HEADER_OFFSET {
         return Parsed::Malformed;
     }
-    // 16 bytes as words (see parse_ipv4); a segment shorter than the 20-byte
-    // header is malformed either way.
-    let Some(words) = p.load::<[u32; 4]>(l4) else {
+    // The 20-byte header as words (see parse_ipv4).
+    let Some(words) = p.load::<[u32; 5]>(l4) else {
         return Parsed::Malformed;
     };
     let tcp = |i: usize| words[i / 4].to_ne_bytes()[i % 4];
@@ -292,7 +292,7 @@ fn parse_tcp<P: PacketBytes + ?Sized>(
         return Parsed::Malformed;
     }
     // The whole TCP header, options included, must be in the packet.
-    if p.load::<u8>(l4 + doff - 1).is_none() {
+    if doff > 20 && p.load::<u8>(l4 + doff - 1).is_none() {
         return Parsed::Malformed;
     }
     let ends = Endpoints {
