@@ -149,24 +149,32 @@ pub fn parse_l3<P: PacketBytes + ?Sized>(
     vlan: u16,
     seg: &mut TcpSegment,
 ) -> Parsed {
-    let at = Link { ifindex, vlan };
+    // Filled in as the layers are read: addresses and family by the IP
+    // parsers, ports by parse_tcp.
+    let ends = Endpoints {
+        src: [0; 4],
+        dst: [0; 4],
+        sport: 0,
+        dport: 0,
+        ifindex,
+        vlan,
+        family: 0,
+    };
     match ethertype {
-        ETH_P_IPV4 => parse_ipv4(p, off, at, seg),
-        ETH_P_IPV6 => parse_ipv6(p, off, at, seg),
+        ETH_P_IPV4 => parse_ipv4(p, off, ends, seg),
+        ETH_P_IPV6 => parse_ipv6(p, off, ends, seg),
         // A third VLAN tag lands here too: not followed, so not TCP to us.
         _ => Parsed::NotTcp,
     }
 }
 
-/// Where a packet was seen: the key's interface and outer VLAN.
-#[derive(Clone, Copy)]
-struct Link {
-    ifindex: u32,
-    vlan: u16,
-}
-
 #[inline(always)]
-fn parse_ipv4<P: PacketBytes + ?Sized>(p: &P, l3: usize, at: Link, seg: &mut TcpSegment) -> Parsed {
+fn parse_ipv4<P: PacketBytes + ?Sized>(
+    p: &P,
+    l3: usize,
+    mut ends: Endpoints,
+    seg: &mut TcpSegment,
+) -> Parsed {
     // Whole words: the kernel build then loads the header in five reads, not
     // twenty byte reads shifted together.
     let Some(hdr) = p.load::<[u32; 5]>(l3) else {
@@ -193,20 +201,17 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(p: &P, l3: usize, at: Link, seg: &mut Tcp
     if b(9) != IPPROTO_TCP {
         return Parsed::NotTcp;
     }
-    let addrs = ([hdr[3], 0, 0, 0], [hdr[4], 0, 0, 0], FAMILY_IPV4);
-    parse_tcp(
-        p,
-        l3,
-        l3 + ihl,
-        total_len - ihl,
-        total_len,
-        (at, addrs),
-        seg,
-    )
+    (ends.src[0], ends.dst[0], ends.family) = (hdr[3], hdr[4], FAMILY_IPV4);
+    parse_tcp(p, l3, l3 + ihl, total_len - ihl, total_len, ends, seg)
 }
 
 #[inline(always)]
-fn parse_ipv6<P: PacketBytes + ?Sized>(p: &P, l3: usize, at: Link, seg: &mut TcpSegment) -> Parsed {
+fn parse_ipv6<P: PacketBytes + ?Sized>(
+    p: &P,
+    l3: usize,
+    mut ends: Endpoints,
+    seg: &mut TcpSegment,
+) -> Parsed {
     let Some(hdr) = p.load::<[u8; 8]>(l3) else {
         return Parsed::Malformed;
     };
@@ -253,22 +258,15 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(p: &P, l3: usize, at: Link, seg: &mut Tcp
     let Some(addrs) = p.load::<[u32; 8]>(l3 + 8) else {
         return Parsed::Malformed;
     };
-    let src = [addrs[0], addrs[1], addrs[2], addrs[3]];
-    let dst = [addrs[4], addrs[5], addrs[6], addrs[7]];
+    ends.src = [addrs[0], addrs[1], addrs[2], addrs[3]];
+    ends.dst = [addrs[4], addrs[5], addrs[6], addrs[7]];
+    ends.family = FAMILY_IPV6;
     let ip_len = 40 + payload_len;
-    parse_tcp(
-        p,
-        l3,
-        off,
-        payload_len - ext_len,
-        ip_len,
-        (at, (src, dst, FAMILY_IPV6)),
-        seg,
-    )
+    parse_tcp(p, l3, off, payload_len - ext_len, ip_len, ends, seg)
 }
 
-/// Finishes `seg` from the TCP header at `l4`, given where the packet was
-/// seen and its addresses (source, destination, family).
+/// Finishes `seg` from the TCP header at `l4`, given the endpoints so far
+/// (where the packet was seen, its addresses and family).
 #[inline(always)]
 fn parse_tcp<P: PacketBytes + ?Sized>(
     p: &P,
@@ -276,7 +274,7 @@ fn parse_tcp<P: PacketBytes + ?Sized>(
     l4: usize,
     l4_len: usize,
     ip_len: usize,
-    (at, (src, dst, family)): (Link, ([u32; 4], [u32; 4], u8)),
+    mut ends: Endpoints,
     seg: &mut TcpSegment,
 ) -> Parsed {
     if l4 > MAX_HEADER_OFFSET {
@@ -295,15 +293,8 @@ fn parse_tcp<P: PacketBytes + ?Sized>(
     if doff > 20 && p.load::<u8>(l4 + doff - 1).is_none() {
         return Parsed::Malformed;
     }
-    let ends = Endpoints {
-        src,
-        dst,
-        sport: u16::from_be_bytes([tcp(0), tcp(1)]),
-        dport: u16::from_be_bytes([tcp(2), tcp(3)]),
-        ifindex: at.ifindex,
-        vlan: at.vlan,
-        family,
-    };
+    ends.sport = u16::from_be_bytes([tcp(0), tcp(1)]);
+    ends.dport = u16::from_be_bytes([tcp(2), tcp(3)]);
     seg.dir = seg.key.write_canonical(&ends) as u32;
     seg.flags = u32::from(tcp(13));
     seg.l3_offset = l3 as u32;
