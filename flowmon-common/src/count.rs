@@ -129,14 +129,7 @@ pub unsafe fn record<C: Clock>(
             }
             return;
         }
-        let latest = {
-            let (a, b) = (
-                get(&raw const (*value).dir[0].last_ns),
-                get(&raw const (*value).dir[1].last_ns),
-            );
-            if a > b { a } else { b }
-        };
-        let now = clock.event(latest);
+        let now = clock.event(crate::table::last_active(&*value));
         if flags & TCP_SYN != 0 {
             if flags & TCP_ACK != 0 {
                 add32(&raw mut (*d).synack, 1);

@@ -110,16 +110,13 @@ fn bump(index: u32) {
 
 #[inline(always)]
 fn count(cpu: *mut CpuState, index: u32) {
-    let i = index as usize;
-    if i < STAT_SLOTS {
-        // Safety: this CPU's state, which only this CPU writes, and a
-        // program runs to completion on one CPU without preemption by
-        // another flowmon program on it.
-        unsafe { (*cpu).stats[i] += 1 };
+    // Safety: this CPU's state, which only this CPU writes, and a program
+    // runs to completion on one CPU without preemption by another flowmon
+    // program on it.
+    if let Some(n) = unsafe { (*cpu).stats.get_mut(index as usize) } {
+        *n += 1;
     }
 }
-
-const STAT_SLOTS: usize = flowmon_common::stats::STAT_COUNT as usize;
 
 /// Parses and counts one packet. `segs` is the number of wire packets the
 /// buffer stands for and `len` its length from the link header on; `None`
@@ -150,17 +147,18 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
         Some((_, len)) => (1, u64::from(len.saturating_sub(seg.l3_offset))),
         None => (1, u64::from(seg.ip_len)),
     };
-    let value = match lookup(&seg.key, cfg) {
+    let h = hash(&seg.key, &cfg.seeds);
+    let value = match lookup(h, &seg.key, cfg) {
         // Safety: `v` points into the slot, valid during this run.
         Some(v) if starts_new_connection(unsafe { &*v }, seg) => {
-            match Place::of(&seg.key, cfg) {
+            match Place::at(h, cfg) {
                 Some(at) if retire(&at, v, seg) => bump(STAT_RETIRED),
                 _ => bump(STAT_SPLIT_FAILED),
             }
             v
         }
         Some(v) => v,
-        None => match Place::of(&seg.key, cfg).and_then(|at| insert(&at, &seg.key)) {
+        None => match Place::at(h, cfg).and_then(|at| insert(&at, &seg.key)) {
             Some(v) => v,
             None => return bump(STAT_INSERT_FAILED),
         },
@@ -254,13 +252,12 @@ unsafe fn copy_value(from: *const FlowValue, to: *mut FlowValue) {
     }
 }
 
-/// Finds `key`'s counters, in its first bucket and only then in its
-/// second: most packets belong to a connection in its first bucket, and
-/// this path computes one bucket and touches one bucket line. Takes no
-/// lock (see flowmon_common::table).
+/// Finds the counters of `key`, whose hash is `h`, in its first bucket and
+/// only then in its second: most packets belong to a connection in its
+/// first bucket, and this path computes one bucket and touches one bucket
+/// line. Takes no lock (see flowmon_common::table).
 #[inline(always)]
-fn lookup(key: &FlowKey, cfg: &Config) -> Option<*mut FlowValue> {
-    let h = hash(key, &cfg.seeds);
+fn lookup(h: u64, key: &FlowKey, cfg: &Config) -> Option<*mut FlowValue> {
     let tag = tag_of(h);
     match find_in(bucket_of(h, cfg.buckets), tag, key) {
         Some((_, v)) => Some(v),
@@ -298,7 +295,12 @@ struct Place {
 impl Place {
     #[inline(always)]
     fn of(key: &FlowKey, cfg: &Config) -> Option<Self> {
-        let h = hash(key, &cfg.seeds);
+        Self::at(hash(key, &cfg.seeds), cfg)
+    }
+
+    /// The place of a key whose hash is `h`.
+    #[inline(always)]
+    fn at(h: u64, cfg: &Config) -> Option<Self> {
         let b = [bucket_of(h, cfg.buckets), bucket2_of(h, cfg.buckets)];
         Some(Self {
             bucket: [BUCKETS.get_ptr_mut(b[0])?, BUCKETS.get_ptr_mut(b[1])?],

@@ -179,6 +179,15 @@ impl Default for LoadOptions {
 /// [`Attached::xdp_mode`] of an interface whose received packets TC counts.
 pub const TC_INGRESS: &str = "tc-ingress";
 
+/// The hooks an interface attached with `xdp_mode` counts at, as the
+/// banner and `flowmon status` name them.
+pub fn hooks(xdp_mode: &str) -> String {
+    match xdp_mode {
+        TC_INGRESS => "TC ingress and egress".to_string(),
+        mode => format!("XDP {mode}, TC egress"),
+    }
+}
+
 fn pin_error(what: &'static str, iface: &str, reason: impl ToString) -> KernelError {
     KernelError::PinLink {
         what,
@@ -578,7 +587,7 @@ impl Kernel {
             XdpAttach::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
             XdpAttach::Native => &[(XdpMode::Driver, "native")],
             XdpAttach::Generic => &[(XdpMode::Skb, "generic")],
-            XdpAttach::Tc => &[],
+            XdpAttach::Tc => unreachable!("TC ingress attaches no XDP program"),
         };
         let mut replaced = false;
         let mut last = None;

@@ -109,10 +109,7 @@ impl Status {
                 "interfaces",
                 self.ifaces
                     .iter()
-                    .map(|i| match i.xdp_mode.as_str() {
-                        crate::kernel::TC_INGRESS => format!("{} (TC ingress and egress)", i.name),
-                        mode => format!("{} (XDP {mode}, TC egress)", i.name),
-                    })
+                    .map(|i| format!("{} ({})", i.name, crate::kernel::hooks(&i.xdp_mode)))
                     .collect::<Vec<_>>()
                     .join(", "),
             ),

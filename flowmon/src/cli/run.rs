@@ -291,11 +291,11 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     for name in &cfg.ifaces {
         let a = kernel.attach(name, cfg.xdp, cfg.replace_xdp)?;
-        let hooks = match a.xdp_mode {
-            kernel::TC_INGRESS => "TC ingress and egress".to_string(),
-            mode => format!("XDP {mode}, TC egress"),
-        };
-        eprintln!("flowmon: watching {} ({hooks}); Ctrl-C to stop", a.iface);
+        eprintln!(
+            "flowmon: watching {} ({}); Ctrl-C to stop",
+            a.iface,
+            kernel::hooks(a.xdp_mode)
+        );
     }
     let mut agent = Agent::new(kernel, cfg.timeouts);
     agent.keep = cfg.keep;
