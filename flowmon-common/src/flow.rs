@@ -305,8 +305,7 @@ pub struct Config {
     /// The coarse clock ([`crate::count::Clock::coarse`]) from jiffies, which
     /// the programs read with one inlined load where a clock helper call
     /// costs 15–25 ns: `jiffies_ns + (jiffies - jiffies_at) * tick_ns`.
-    /// The agent measures the three at load time; `tick_ns` 0 means not
-    /// measured, and the programs call `bpf_ktime_get_coarse_ns` instead.
+    /// The agent measures the three at load time (see `flowmon::ticks`).
     pub tick_ns: u64,
     /// A jiffies value, with [`Config::jiffies_ns`] ...
     pub jiffies_at: u64,
@@ -319,8 +318,11 @@ pub struct Config {
     pub buckets: u32,
     /// ... and the connections it was sized for (`--max-flows`).
     pub max_flows: u32,
+    /// [`crate::table::TABLE_LAYOUT`] of the agent that made the table.
+    pub table_layout: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 104);
+const _: () = assert!(core::mem::size_of::<Config>() == 112);
 
 /// [`Config::flags`] bit that turns on aya-log debug output.
 pub const CONFIG_FLAG_LOG: u32 = 1;

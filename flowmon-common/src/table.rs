@@ -74,27 +74,48 @@ impl Seeds {
     }
 }
 
-/// The key's hash under `seeds`: the key's 11 words in pairs, each pair
-/// mixed with its own seed word and multiplier, then folded. Cheap in the
-/// programs (six independent multiplies), and seeded at load time so that
-/// nobody outside can aim connections at one bucket.
+/// The key's hash under `seeds`. An IPv4 key (most of them) mixes only the
+/// words that can differ between IPv4 keys: the two addresses, the ports
+/// with the interface, and VLAN with family (three multiplies); the other
+/// six address words of an IPv4 key are always 0 ([`FlowKey::write_canonical`]).
+/// Any other key mixes its 11 words in pairs, each pair with its own seed
+/// word and multiplier. Then both fold alike. Cheap in the programs
+/// (independent multiplies), and seeded at load time so that nobody outside
+/// can aim connections at one bucket. Changing it changes where a pinned
+/// table's entries are: bump [`TABLE_LAYOUT`].
+///
+/// [`FlowKey::write_canonical`]: crate::flow::FlowKey::write_canonical
 #[inline(always)]
 pub fn hash(key: &FlowKey, seeds: &Seeds) -> u64 {
     // Safety: FlowKey is 44 bytes of plain data, 4-aligned (asserted in flow).
     let w = unsafe { &*(key as *const FlowKey).cast::<[u32; 11]>() };
-    let p = |i: usize| u64::from(w[2 * i]) | (u64::from(w[2 * i + 1]) << 32);
+    let pair = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
     let s = &seeds.0;
-    let a = (p(0) ^ s[0]).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let b = (p(1) ^ s[1]).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    let c = (p(2) ^ s[2]).wrapping_mul(0x1656_67B1_9E37_79F9);
-    let d = (p(3) ^ s[3]).wrapping_mul(0x85EB_CA77_C2B2_AE63);
-    let e = (p(4) ^ s[4]).wrapping_mul(0x27D4_EB2F_1656_67C5);
-    let f = (u64::from(w[10]) ^ s[5]).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut h = a.wrapping_add(b).wrapping_add(c) ^ d.wrapping_add(e).wrapping_add(f);
+    let mut h = if key.family == 4 {
+        let a = (pair(w[0], w[4]) ^ s[0]).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let b = (pair(w[8], w[9]) ^ s[1]).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let c = (u64::from(w[10]) ^ s[2]).wrapping_mul(0x1656_67B1_9E37_79F9);
+        a.wrapping_add(b) ^ c
+    } else {
+        let p = |i: usize| pair(w[2 * i], w[2 * i + 1]);
+        let a = (p(0) ^ s[0]).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let b = (p(1) ^ s[1]).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let c = (p(2) ^ s[2]).wrapping_mul(0x1656_67B1_9E37_79F9);
+        let d = (p(3) ^ s[3]).wrapping_mul(0x85EB_CA77_C2B2_AE63);
+        let e = (p(4) ^ s[4]).wrapping_mul(0x27D4_EB2F_1656_67C5);
+        let f = (u64::from(w[10]) ^ s[5]).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        a.wrapping_add(b).wrapping_add(c) ^ d.wrapping_add(e).wrapping_add(f)
+    };
     h ^= h >> 29;
     h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     h ^ (h >> 32)
 }
+
+/// The version of the table's layout and hashing, kept in a pinned table's
+/// config: an agent finding another one there refuses to resume it, as it
+/// would look for every entry in the wrong place. 2: IPv4 keys hash three
+/// words.
+pub const TABLE_LAYOUT: u32 = 2;
 
 /// The bucket of a hash among `buckets` (a multiply, not a division).
 #[inline(always)]
@@ -136,9 +157,11 @@ pub fn tag_of(hash: u64) -> u32 {
     hash as u32 | 1
 }
 
-/// Whether two keys are equal: five 64-bit words and the last 32 (no
-/// `memcmp` call, which the bpf target cannot link, and half the loads of
-/// a word-by-word compare).
+/// Whether two keys are equal, compared as 64-bit words (no `memcmp` call,
+/// which the bpf target cannot link, and half the loads of a word-by-word
+/// compare): the last word (VLAN, family) and the three that differ between
+/// IPv4 keys, then, unless the family is IPv4, the two holding the rest of
+/// the IPv6 addresses (0 in every IPv4 key, see [`hash`]).
 #[inline(always)]
 pub fn key_eq(a: &FlowKey, b: &FlowKey) -> bool {
     let (x, y) = (
@@ -148,13 +171,15 @@ pub fn key_eq(a: &FlowKey, b: &FlowKey) -> bool {
     // Safety: every offset read lies within the 44-byte keys; unaligned
     // reads, as FlowKey is only 4-aligned (in the maps it is 8-aligned,
     // and the programs allow misaligned loads anyway).
-    let q = |p: *const u8, i: usize| unsafe { p.add(8 * i).cast::<u64>().read_unaligned() };
-    let l = |p: *const u8| unsafe { p.add(40).cast::<u32>().read_unaligned() };
-    let mut d = u64::from(l(x) ^ l(y));
-    let mut i = 0;
-    while i < 5 {
-        d |= q(x, i) ^ q(y, i);
-        i += 1;
+    let q = |i: usize| unsafe {
+        x.add(8 * i).cast::<u64>().read_unaligned() ^ y.add(8 * i).cast::<u64>().read_unaligned()
+    };
+    let last = unsafe {
+        x.add(40).cast::<u32>().read_unaligned() ^ y.add(40).cast::<u32>().read_unaligned()
+    };
+    let mut d = u64::from(last) | q(0) | q(2) | q(4);
+    if a.family != 4 {
+        d |= q(1) | q(3);
     }
     d == 0
 }
@@ -239,20 +264,31 @@ mod tests {
         }
     }
 
-    #[test]
-    fn keys_spread_evenly_over_buckets() {
-        // 64k connections that differ only in the client port, as a busy
-        // server's do, over 4681 buckets (65,534 ways): no bucket may
-        // overflow its 14 ways by much more than chance would.
+    /// How many of 64k connections that differ only in the client port (as
+    /// a busy server's do) land in each of 4681 buckets (65,534 ways).
+    fn spread(key: fn(u16) -> FlowKey) -> (u32, f64, usize) {
         let buckets = buckets_for(65_534);
         let mut n = std::vec![0u32; buckets as usize];
         for p in 1..=u16::MAX {
             n[bucket_of(hash(&key(p), &Seeds::new(0x1234_5678_9abc_def0)), buckets) as usize] += 1;
         }
-        let max = *n.iter().max().unwrap();
-        let mean = 65_535.0 / f64::from(buckets);
-        assert!(f64::from(max) < mean * 2.5, "max {max}, mean {mean}");
-        assert!(n.iter().filter(|&&c| c == 0).count() < 5, "empty buckets");
+        let empty = n.iter().filter(|&&c| c == 0).count();
+        (
+            *n.iter().max().unwrap(),
+            65_535.0 / f64::from(buckets),
+            empty,
+        )
+    }
+
+    #[test]
+    fn keys_spread_evenly_over_buckets() {
+        // No bucket may overflow its 14 ways by much more than chance
+        // would, for IPv4 keys (three words hashed) and IPv6 ones (all).
+        for key in [key, key6] {
+            let (max, mean, empty) = spread(key);
+            assert!(f64::from(max) < mean * 2.5, "max {max}, mean {mean}");
+            assert!(empty < 5, "{empty} empty buckets");
+        }
     }
 
     #[test]
@@ -272,5 +308,38 @@ mod tests {
         assert!(key_eq(&key(5), &key(5)) && !key_eq(&key(5), &key(6)));
         assert_eq!(buckets_for(0), 1);
         assert_eq!(buckets_for(512), 44);
+    }
+
+    fn key6(port: u16) -> FlowKey {
+        let mut k = key(port);
+        k.family = 6;
+        k.addr_a = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        k.addr_b = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        k
+    }
+
+    #[test]
+    fn key_eq_agrees_with_eq_on_every_field() {
+        // Each byte of the key changed in turn, IPv4 (the bytes an IPv4 key
+        // has) and IPv6 (all of them): key_eq must see what == sees.
+        let v4_bytes = [0..4, 16..20, 32..44];
+        for base in [key(1234), key6(1234)] {
+            for i in 0..44 {
+                if base.family == 4 && !v4_bytes.iter().any(|r| r.contains(&i)) {
+                    continue;
+                }
+                let mut other = base;
+                // Safety: a FlowKey is 44 bytes of plain data.
+                let b = unsafe { &mut *(&raw mut other).cast::<[u8; 44]>() };
+                b[i] ^= 0x10;
+                assert_eq!(key_eq(&base, &other), base == other, "byte {i}");
+                assert!(!key_eq(&base, &other), "byte {i}");
+            }
+            assert!(key_eq(&base, &base.clone()));
+        }
+        // The same first words under another family are another key.
+        let mut v6 = key(1234);
+        v6.family = 6;
+        assert!(!key_eq(&key(1234), &v6) && !key_eq(&v6, &key(1234)));
     }
 }

@@ -10,7 +10,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, TC_ACT_UNSPEC, xdp_action::XDP_PASS},
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
     maps::{Array, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
@@ -188,7 +188,10 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
 /// config; an exact one (`bpf_ktime_get_ns`) is a helper call that cost
 /// 40 ns a packet in a VM, more than all the rest of a SYN's, FIN's or
 /// RST's counting. Events take the coarse reading kept in order within the
-/// connection ([`ordered`]).
+/// connection ([`ordered`]). There is no helper fallback: the agent always
+/// fills in the conversion (`flowmon::ticks`), and a call anywhere on this
+/// path made LLVM keep the packet's values on the stack around it (~1 ns a
+/// packet).
 struct Ktime<'a>(&'a Config);
 
 impl Clock for Ktime<'_> {
@@ -205,13 +208,9 @@ impl Clock for Ktime<'_> {
         if c.clock_override_ns != 0 {
             return c.clock_override_ns;
         }
-        if c.tick_ns != 0 {
-            // Safety: a helper without preconditions, inlined by the verifier.
-            let ticks = unsafe { bpf_jiffies64() }.wrapping_sub(c.jiffies_at);
-            return c.jiffies_ns.wrapping_add(ticks.wrapping_mul(c.tick_ns));
-        }
-        // Safety: a helper without preconditions (Linux 5.11).
-        unsafe { bpf_ktime_get_coarse_ns() }
+        // Safety: a helper without preconditions, inlined by the verifier.
+        let ticks = unsafe { bpf_jiffies64() }.wrapping_sub(c.jiffies_at);
+        c.jiffies_ns.wrapping_add(ticks.wrapping_mul(c.tick_ns))
     }
 }
 

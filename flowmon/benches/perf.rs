@@ -350,9 +350,9 @@ fn main() {
     }
     let live = || {
         if quick {
-            live::live(20_000, &[50_000, 0], 5_000);
+            live::live(20_000, &[50_000, 0], 5_000, true);
         } else {
-            live::live(50_000, &[50_000, 100_000, 200_000, 0], 20_000);
+            live::live(50_000, &[50_000, 100_000, 200_000, 0], 20_000, false);
         }
     };
     if args.iter().any(|a| a == "--live-only") {

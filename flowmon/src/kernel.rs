@@ -24,7 +24,7 @@ use flowmon_common::{
     stats::{
         CpuState, STAT_COUNT, STAT_FRAGMENTS, STAT_MALFORMED, STAT_NON_TCP, STAT_PACKETS, STAT_TCP,
     },
-    table::{Seeds, WAYS, buckets_for},
+    table::{Seeds, TABLE_LAYOUT, WAYS, buckets_for},
 };
 
 use crate::{caps, flowtable::FlowTable, iface};
@@ -83,6 +83,10 @@ pub enum KernelError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "the kernel would not run flowmon's clock program (BPF_PROG_TEST_RUN of an XDP program), which the programs need to time packets: check that nothing (a seccomp or LSM policy) filters the bpf() call"
+    )]
+    Clock,
     #[error("{call} on map {map} failed")]
     Syscall {
         call: &'static str,
@@ -110,6 +114,11 @@ pub enum KernelError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "the flow table pinned in {} was laid out by another flowmon version (layout {found}, this one reads {TABLE_LAYOUT}): run `flowmon detach` to remove it, then start again",
+        .dir.display()
+    )]
+    PinnedLayout { dir: PathBuf, found: u32 },
     #[error("pinning {what} link on {iface} failed: {reason}")]
     PinLink {
         what: &'static str,
@@ -344,11 +353,18 @@ impl Kernel {
             // Keep what the earlier agent recorded (its removals, the
             // table's seed and size).
             config = read_config(&ebpf)?;
+            if config.table_layout != TABLE_LAYOUT {
+                return Err(KernelError::PinnedLayout {
+                    dir: opts.pin.clone().unwrap_or_default(),
+                    found: config.table_layout,
+                });
+            }
             config.flags &= !CONFIG_FLAG_LOG;
             // This agent starts by reading the whole table.
             config.epoch = 0;
         } else {
             config.seeds = Seeds::new(random_seed());
+            config.table_layout = TABLE_LAYOUT;
             config.buckets = buckets;
             config.max_flows = opts.max_flows;
         }
@@ -379,29 +395,28 @@ impl Kernel {
         if opts.kernel_log {
             kernel.config.flags |= CONFIG_FLAG_LOG;
         }
-        let ticks = kernel.measure_ticks();
+        let t = kernel.measure_ticks()?;
         (
             kernel.config.tick_ns,
             kernel.config.jiffies_at,
             kernel.config.jiffies_ns,
-        ) = ticks.map_or((0, 0, 0), |t| (t.tick_ns, t.jiffies_at, t.jiffies_ns));
+        ) = (t.tick_ns, t.jiffies_at, t.jiffies_ns);
         kernel.write_config()?;
         Ok(kernel)
     }
 
-    /// Measures how jiffies map to the clock (see [`crate::ticks`]). `None`
-    /// when the kernel cannot run the program or the ticks were irregular:
-    /// the programs then read the coarse clock through its helper, which
-    /// is slower but as right.
-    fn measure_ticks(&mut self) -> Option<crate::ticks::Ticks> {
-        let prog: &mut Xdp = self.program_mut(CLOCK_PROGRAM).ok()?;
+    /// Measures how jiffies map to the clock (see [`crate::ticks`]): the
+    /// programs time packets by it and have no other clock.
+    fn measure_ticks(&mut self) -> Result<crate::ticks::Ticks, KernelError> {
+        let prog: &mut Xdp = self.program_mut(CLOCK_PROGRAM)?;
         if prog.fd().is_err() {
-            prog.load().ok()?;
+            prog.load()
+                .map_err(|e| KernelError::Load(aya::EbpfError::ProgramError(e)))?;
         }
         let t = crate::ticks::measure(prog);
         // Unloaded again: it is only needed here.
         let _ = prog.unload();
-        t
+        t.ok_or(KernelError::Clock)
     }
 
     /// How the programs' coarse clock converts jiffies, if it was measured.
@@ -669,6 +684,24 @@ impl Kernel {
                 .map_err(|e| KernelError::Load(aya::EbpfError::ProgramError(e)))?;
         }
         Ok((self.pass_xdp(), self.program(PASS_TC_PROGRAM)))
+    }
+
+    /// Attaches the do-nothing XDP program to `name` in native mode
+    /// (benchmarks only: what the XDP hook costs on its own, whatever the
+    /// program does). Detached when the `Kernel` is dropped.
+    pub fn attach_pass_xdp(&mut self, name: &str) -> Result<(), KernelError> {
+        let ifindex = iface::index(name).ok_or_else(|| KernelError::UnknownInterface {
+            iface: name.to_string(),
+        })?;
+        self.baselines()?;
+        let prog: &mut Xdp = self.program_mut(PASS_XDP_PROGRAM)?;
+        prog.attach(ifindex, XdpMode::Driver)
+            .map_err(|source| KernelError::Attach {
+                what: "attaching the do-nothing XDP",
+                iface: name.to_string(),
+                source,
+            })?;
+        Ok(())
     }
 
     /// Inserts an entry from user space (benchmarks fill the table this way).

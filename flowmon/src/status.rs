@@ -126,10 +126,12 @@ impl Status {
             "clock",
             match self.tick_ns {
                 Some(t) => format!(
-                    "exact for events; last seen from jiffies (tick {} ms)",
+                    "jiffies (tick {} ms): events in order, times within a tick",
                     t as f64 / 1e6
                 ),
-                None => "exact for events; last seen from bpf_ktime_get_coarse_ns".into(),
+                // An agent always measures it; a status without it came
+                // from a replay, which times packets by their capture.
+                None => "capture times (replay)".into(),
             },
         ));
         let t = &self.table;
@@ -267,7 +269,7 @@ mod tests {
             "agent          flowmon 0.1.0, pid 42, up 1h2m, 3725 polls every 1s (0 incremental; last took 1.2 ms)
 interfaces     veth0 (XDP native, TC egress)
 pinned         no (programs detach when the agent stops)
-clock          exact for events; last seen from jiffies (tick 4 ms)
+clock          jiffies (tick 4 ms): events in order, times within a tick
 table          64 of 128 entries (50.0%)
 connections    300 created, 230 reported
 evicted        10 (7 reported as class evicted, 3 unseen between polls): raise --max-flows

@@ -76,7 +76,9 @@ pub fn calibrate(readings: &[(u64, u64)]) -> Option<Ticks> {
 /// Runs the calibration program `prog` (loaded) until [`calibrate`]
 /// succeeds, at most half a second (a busy machine preempts the reader and
 /// delays ticks; an idle one is done in five ticks). Only readings next to a
-/// change are kept.
+/// change are kept. When the ticks stayed too irregular for that, the
+/// conversion is [`estimate`]d from the last reading. `None` only when the
+/// program cannot run at all.
 pub fn measure(prog: &Xdp) -> Option<Ticks> {
     let deadline = Instant::now() + Duration::from_millis(500);
     let input = [0u8; 64];
@@ -102,7 +104,33 @@ pub fn measure(prog: &Xdp) -> Option<Ticks> {
         }
         prev = Some(now);
     }
-    None
+    prev.map(|last| estimate(last, coarse_resolution()))
+}
+
+/// The conversion from one `(jiffies, ns)` reading and the tick length
+/// `tick_ns` (the coarse clock's resolution, which is the kernel's tick):
+/// the reading fell somewhere within its tick, so the tick is taken to have
+/// begun half a tick before it, and times are within half a tick either way.
+pub fn estimate(reading: (u64, u64), tick_ns: u64) -> Ticks {
+    let tick_ns = if tick_ns == 0 { TICKS_NS[1] } else { tick_ns };
+    Ticks {
+        tick_ns,
+        jiffies_at: reading.0,
+        jiffies_ns: reading.1.saturating_sub(tick_ns / 2),
+    }
+}
+
+/// `clock_getres(CLOCK_MONOTONIC_COARSE)`: the kernel's tick, or 0.
+fn coarse_resolution() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // Safety: a plain query into a timespec we own.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
@@ -162,5 +190,22 @@ mod tests {
         // Nor are single steps between readings a tick apart.
         let slow: Vec<(u64, u64)> = (0..10u64).map(|i| (i, i * 4_000_000)).collect();
         assert_eq!(calibrate(&slow), None);
+    }
+
+    #[test]
+    fn an_estimate_centres_the_reading_in_its_tick() {
+        let t = estimate((1000, 50_000_000), 4_000_000);
+        assert_eq!(
+            (t.tick_ns, t.jiffies_at, t.jiffies_ns),
+            (4_000_000, 1000, 48_000_000)
+        );
+        // No resolution to go on: HZ=250, the most common.
+        assert_eq!(estimate((7, 9_000_000), 0).tick_ns, 4_000_000);
+        // This machine's coarse clock ticks at one of Linux's tick lengths.
+        assert!(
+            TICKS_NS.contains(&coarse_resolution()),
+            "{}",
+            coarse_resolution()
+        );
     }
 }

@@ -225,3 +225,40 @@ fn killed_agent(extra: &[&str], hooks: &str, xdp: bool) {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not on a BPF filesystem"));
 }
+
+/// A table pinned by an agent that hashed keys otherwise (another
+/// `TABLE_LAYOUT`) is refused, naming `flowmon detach`, rather than read
+/// with every entry looked for in the wrong bucket.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_table_pinned_with_another_layout_is_refused() {
+    use flowmon::kernel::{Kernel, KernelError, LoadOptions};
+    use flowmon_common::flow::Config;
+    let tmp = tempfile::tempdir().unwrap();
+    let fs = Bpffs::mount(&tmp.path().join("bpf"));
+    let pin = fs.0.join("flowmon");
+    let opts = || LoadOptions {
+        max_flows: 1024,
+        pin: Some(pin.clone()),
+        ..LoadOptions::default()
+    };
+    drop(Kernel::load(opts()).unwrap());
+    // As an agent of layout 1 would have left it.
+    let map = aya::maps::MapData::from_pin(pin.join("CONFIG")).unwrap();
+    let mut config: aya::maps::Array<_, Config> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(map)).unwrap();
+    let mut c = config.get(&0, 0).unwrap();
+    assert_eq!(c.table_layout, flowmon_common::table::TABLE_LAYOUT);
+    c.table_layout = 1;
+    config.set(0, &c, 0).unwrap();
+    let err = Kernel::load(opts()).err().expect("refused");
+    assert!(
+        matches!(err, KernelError::PinnedLayout { found: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("flowmon detach"), "{err}");
+    // The same table, put back as this agent laid it out, resumes.
+    c.table_layout = flowmon_common::table::TABLE_LAYOUT;
+    config.set(0, &c, 0).unwrap();
+    assert!(Kernel::load(opts()).unwrap().resumed());
+}

@@ -1,11 +1,13 @@
-//! Section 4: live traffic. A capture of synthetic connections is replayed by
-//! tcpreplay at increasing rates over a veth pair between two namespaces;
-//! on the receiving side, in turn, nothing (the baseline), flowmon, and the
-//! libpcap-based peer tcpdump watch the interface. For each:
-//! packets (and, for flowmon, SYN/FIN/RST) counted against what was sent, and
-//! the CPU the whole machine spent beyond the baseline run, per million
-//! packets. flowmon's kernel programs run in softirq context, where no
-//! process is charged, which is why the whole machine's CPU is compared.
+//! Section 4: live traffic over a veth pair between two namespaces: a
+//! capture of synthetic connections replayed by tcpreplay at increasing
+//! rates, and real TCP connections. On the receiving side, in turn: nothing
+//! (the baseline), flowmon's do-nothing XDP program alone (what the hook
+//! costs), flowmon (XDP native, XDP generic, TC ingress), and the
+//! libpcap-based peers tcpdump and pmacctd. For each: packets and SYN/FIN/RST
+//! counted against what was sent, and the CPU the whole machine spent beyond
+//! the baseline run per million packets, and the monitor's own processes'.
+//! flowmon's kernel programs run in softirq context, where no process is
+//! charged, which is why the whole machine's CPU is compared.
 
 use std::{
     net::IpAddr,
@@ -51,6 +53,26 @@ impl Sent {
 fn sh(args: &[&str]) {
     let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
     assert!(st.success(), "{args:?}");
+}
+
+/// The CPU the monitors' processes (and the wire capture) are kept on,
+/// when not `usize::MAX`: set for the real connections, whose client and
+/// server have the last CPU (see [`pin_to_last_cpu`]), so that the other
+/// processes' threads wake up beside them rather than preempting them.
+static MONITOR_CPU: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// A monitor's (or the wire capture's) command, run in namespace `ns`,
+/// and on [`MONITOR_CPU`] when set (its children and threads inherit that).
+fn monitor_cmd(ns: &str, args: &[&str]) -> Command {
+    let cpu = MONITOR_CPU.load(std::sync::atomic::Ordering::Relaxed);
+    if cpu == usize::MAX {
+        return in_ns(ns, args);
+    }
+    let cpu = cpu.to_string();
+    let mut c = Command::new("taskset");
+    c.args(["-c", &cpu, "ip", "netns", "exec", ns]).args(args);
+    c
 }
 
 fn in_ns(ns: &str, args: &[&str]) -> Command {
@@ -191,8 +213,10 @@ fn cpu_jiffies() -> (u64, u64) {
         .skip(1)
         .map(|x| x.parse().unwrap())
         .collect();
-    let idle = v[3] + v[4];
-    (v.iter().sum::<u64>() - idle, v.iter().sum())
+    // user, nice, system, irq, softirq: not idle, iowait, nor steal (the
+    // hypervisor running someone else), and guest is within user already.
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6];
+    (busy, v.iter().take(8).sum())
 }
 
 /// Replays `pcap` at `pps` (0: as fast as tcpreplay can) and returns
@@ -231,6 +255,9 @@ fn replay(pcap: &Path, pps: u32) -> (u64, f64) {
 #[derive(Clone, Copy, PartialEq)]
 enum Monitor {
     None,
+    /// flowmon's do-nothing XDP program attached alone: what the XDP hook
+    /// itself costs on this interface, whatever the program does.
+    XdpHook,
     Flowmon,
     FlowmonGeneric,
     FlowmonTc,
@@ -249,6 +276,7 @@ impl Monitor {
     fn name(self) -> &'static str {
         match self {
             Monitor::None => "nothing (baseline)",
+            Monitor::XdpHook => "do-nothing XDP program (the hook alone)",
             Monitor::Flowmon => "flowmon (XDP native)",
             Monitor::FlowmonGeneric => "flowmon (XDP generic)",
             Monitor::FlowmonTc => "flowmon (TC ingress)",
@@ -261,6 +289,8 @@ impl Monitor {
 /// A monitor running on the receiving interface.
 struct Running {
     child: Option<Child>,
+    /// The do-nothing program's attachment, detached when dropped.
+    hook: Option<flowmon::kernel::Kernel>,
     dir: PathBuf,
     /// Packets it had counted when the measured load started.
     before: u64,
@@ -268,8 +298,22 @@ struct Running {
 
 fn start(m: Monitor, dir: &Path) -> Running {
     let s = |p: &str| dir.join(p).to_string_lossy().into_owned();
+    let mut hook = None;
     let child = match m {
         Monitor::None => None,
+        Monitor::XdpHook => {
+            let k = in_ns_thread(SRV_NS, || {
+                let mut k = flowmon::kernel::Kernel::load(flowmon::kernel::LoadOptions {
+                    max_flows: 1024,
+                    ..Default::default()
+                })
+                .unwrap();
+                k.attach_pass_xdp(SRV_IF).unwrap();
+                k
+            });
+            hook = Some(k);
+            None
+        }
         Monitor::Flowmon | Monitor::FlowmonGeneric | Monitor::FlowmonTc => {
             let sock = s("api.sock");
             // FLOWMON_BENCH_PROFILE=DIR records each agent under `perf
@@ -313,7 +357,7 @@ fn start(m: Monitor, dir: &Path) -> Running {
                 "--socket",
                 &sock,
             ]);
-            let c = in_ns(SRV_NS, &argv)
+            let c = monitor_cmd(SRV_NS, &argv)
                 .stderr(log(dir, "flowmon"))
                 .spawn()
                 .unwrap();
@@ -321,7 +365,7 @@ fn start(m: Monitor, dir: &Path) -> Running {
             Some(c)
         }
         Monitor::Tcpdump => {
-            let c = in_ns(
+            let c = monitor_cmd(
                 SRV_NS,
                 &[
                     "tcpdump",
@@ -363,7 +407,7 @@ fn start(m: Monitor, dir: &Path) -> Running {
             );
             std::fs::write(dir.join("pmacct.conf"), conf).unwrap();
             let _ = std::fs::remove_file(dir.join("pmacct.csv"));
-            let c = in_ns(SRV_NS, &["pmacctd", "-f", &s("pmacct.conf")])
+            let c = monitor_cmd(SRV_NS, &["pmacctd", "-f", &s("pmacct.conf")])
                 .stderr(log(dir, "pmacct"))
                 .stdout(log(dir, "pmacct.out"))
                 .spawn()
@@ -374,6 +418,7 @@ fn start(m: Monitor, dir: &Path) -> Running {
     };
     Running {
         child,
+        hook,
         dir: dir.to_path_buf(),
         before: 0,
     }
@@ -423,7 +468,7 @@ fn counted(
 ) -> (u64, Option<(u64, u64, u64)>) {
     let sock = r.dir.join("api.sock").to_string_lossy().into_owned();
     match m {
-        Monitor::None => (0, None),
+        Monitor::None | Monitor::XdpHook => (0, None),
         Monitor::Flowmon | Monitor::FlowmonGeneric | Monitor::FlowmonTc => {
             // The counters and every connection (finished and open).
             let flows = Command::new(env!("CARGO_BIN_EXE_flowmon"))
@@ -536,6 +581,8 @@ fn process_cpu(pid: u32) -> f64 {
 }
 
 fn stop(mut r: Running) {
+    // Detaches the do-nothing program.
+    drop(r.hook.take());
     if let Some(c) = r.child.as_mut() {
         let pid = nix::unistd::Pid::from_raw(c.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -553,81 +600,154 @@ struct Load {
     server_port: u16,
 }
 
-/// Runs `load` once with each monitor in turn and prints a row for each.
-/// `label` names the rate column. With `warm_up` (a capture of other
-/// connections), each monitor first sees that at top speed, unmeasured,
-/// and is given the linger and a poll to finish with it: what is measured
-/// is then a monitor in its steady state (tables and queues grown, pages
-/// touched), as a monitor runs for days.
-fn compare(dir: &Path, label: &str, warm_up: Option<&Path>, mut load: impl FnMut(Monitor) -> Load) {
-    let mut baseline = 0.0;
-    for m in [
-        Monitor::None,
-        Monitor::Flowmon,
-        Monitor::FlowmonGeneric,
-        Monitor::FlowmonTc,
-        Monitor::Tcpdump,
-        Monitor::Pmacct,
-    ] {
-        let mut r = start(m, dir);
-        if let Some(pcap) = warm_up {
-            let (packets, _) = replay(pcap, 0);
-            thread::sleep(Duration::from_millis(3500));
-            r.before = match m {
-                m if m.is_flowmon() => flowmon_tcp(&r),
-                Monitor::Tcpdump => packets,
-                _ => 0,
-            };
+/// What one monitor's run of a workload gave.
+struct Sample {
+    rate: f64,
+    sent: Sent,
+    got: u64,
+    flags: Option<(u64, u64, u64)>,
+    /// The whole machine's busy seconds during the load and the settle.
+    busy: f64,
+    /// The monitor's own processes' CPU seconds over the same time (none
+    /// for the hook alone).
+    own: Option<f64>,
+}
+
+const MONITORS: [Monitor; 7] = [
+    Monitor::None,
+    Monitor::XdpHook,
+    Monitor::Flowmon,
+    Monitor::FlowmonGeneric,
+    Monitor::FlowmonTc,
+    Monitor::Tcpdump,
+    Monitor::Pmacct,
+];
+
+/// Runs `load` `rounds` times with each monitor in turn (a round runs every
+/// monitor once, so a slow spell of the host spreads over all of them) and
+/// prints a row for each: counts summed over the rounds, the rate and the
+/// CPU figures the medians of the rounds', each round's whole-machine
+/// figure taken beyond that round's baseline. `label` names the rate
+/// column. With `warm_up` (a capture of other connections), each monitor
+/// first sees that at top speed, unmeasured, and is given the linger and a
+/// poll to finish with it: what is measured is then a monitor in its
+/// steady state (tables and queues grown, pages touched), as a monitor runs
+/// for days.
+fn compare(
+    dir: &Path,
+    label: &str,
+    warm_up: Option<&Path>,
+    rounds: usize,
+    mut load: impl FnMut(Monitor) -> Load,
+) {
+    let mut samples: Vec<Vec<Sample>> = (0..MONITORS.len()).map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, &m) in MONITORS.iter().enumerate() {
+            samples[i].push(measure(m, dir, warm_up, &mut load));
         }
-        let pid = r.child.as_ref().map(Child::id);
-        let cpu0 = pid.map_or(0.0, tree_cpu);
-        let before = cpu_jiffies();
-        let Load {
-            sent,
-            rate,
-            server,
-            server_port,
-        } = load(m);
-        // The same settling time for every monitor: flowmon's agent polls
-        // the last connections in it. Measured before the counts are read,
-        // since reading them (a query) costs CPU too.
-        thread::sleep(Duration::from_millis(1500));
-        let busy = (cpu_jiffies().0 - before.0) as f64 / 100.0;
-        let own = pid.map_or(0.0, tree_cpu) - cpu0;
-        let (got, flags) = counted(m, &mut r, server, server_port);
-        stop(r);
-        let mpkt = sent.packets as f64 / 1e6;
-        if m == Monitor::None {
-            baseline = busy;
-        }
-        let per_mpkt = |v: f64| {
-            if m == Monitor::None {
-                "-".to_string()
-            } else {
-                format!("{:.2}", v / mpkt)
-            }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (i, &m) in MONITORS.iter().enumerate() {
+        let runs = &samples[i];
+        let sum = |f: &dyn Fn(&Sample) -> u64| runs.iter().map(f).sum::<u64>();
+        let sent = Sent {
+            packets: sum(&|s| s.sent.packets),
+            syn: sum(&|s| s.sent.syn),
+            fin: sum(&|s| s.sent.fin),
+            rst: sum(&|s| s.sent.rst),
         };
+        let per_mpkt = |f: &dyn Fn(usize, &Sample) -> f64| {
+            let v = runs
+                .iter()
+                .enumerate()
+                .map(|(r, s)| f(r, s) / (s.sent.packets as f64 / 1e6));
+            format!("{:.2}", median(v.collect()))
+        };
+        let whole = if m == Monitor::None {
+            "-".to_string()
+        } else {
+            per_mpkt(&|r, s| (s.busy - samples[0][r].busy).max(0.0))
+        };
+        let own = if runs[0].own.is_none() {
+            "-".to_string()
+        } else {
+            per_mpkt(&|_, s| s.own.unwrap_or(0.0))
+        };
+        let flags = runs[0].flags.map(|_| {
+            let f = |k: usize| {
+                runs.iter()
+                    .map(|s| s.flags.map_or(0, |t| [t.0, t.1, t.2][k]))
+                    .sum::<u64>()
+            };
+            (f(0), f(1), f(2))
+        });
         println!(
-            "| {label} | {} | {rate:.0} | {} | {} | {} | {} |",
+            "| {label} | {} | {:.0} | {} | {} | {whole} | {own} |",
             m.name(),
-            if m == Monitor::None {
+            median(runs.iter().map(|s| s.rate).collect()),
+            if matches!(m, Monitor::None | Monitor::XdpHook) {
                 "-".into()
             } else {
-                format!("{got} / {}", sent.packets)
+                format!("{} / {}", sum(&|s| s.got), sent.packets)
             },
             flags.map_or("-".into(), |(s, f, x)| format!(
                 "{s}, {f}, {x} / {}, {}, {}",
                 sent.syn, sent.fin, sent.rst
             )),
-            per_mpkt((busy - baseline).max(0.0)),
-            per_mpkt(own),
         );
+    }
+}
+
+/// One run of `load` with monitor `m`.
+fn measure(
+    m: Monitor,
+    dir: &Path,
+    warm_up: Option<&Path>,
+    load: &mut impl FnMut(Monitor) -> Load,
+) -> Sample {
+    let mut r = start(m, dir);
+    if let Some(pcap) = warm_up {
+        let (packets, _) = replay(pcap, 0);
+        thread::sleep(Duration::from_millis(3500));
+        r.before = match m {
+            m if m.is_flowmon() => flowmon_tcp(&r),
+            Monitor::Tcpdump => packets,
+            _ => 0,
+        };
+    }
+    let pid = r.child.as_ref().map(Child::id);
+    let cpu0 = pid.map_or(0.0, tree_cpu);
+    let before = cpu_jiffies();
+    let Load {
+        sent,
+        rate,
+        server,
+        server_port,
+    } = load(m);
+    // The same settling time for every monitor: flowmon's agent polls
+    // the last connections in it. Measured before the counts are read,
+    // since reading them (a query) costs CPU too.
+    thread::sleep(Duration::from_millis(1500));
+    let busy = (cpu_jiffies().0 - before.0) as f64 / 100.0;
+    let own = pid.map(|p| tree_cpu(p) - cpu0);
+    let (got, flags) = counted(m, &mut r, server, server_port);
+    stop(r);
+    Sample {
+        rate,
+        sent,
+        got,
+        flags,
+        busy,
+        own,
     }
 }
 
 const TABLE_HEAD: &str = "| rate | monitor | rate achieved (pps) | packets counted / sent | SYN, FIN, RST counted / sent | CPU s per Mpkt beyond baseline (whole machine) | of which its processes |\n|---:|---|---:|---|---|---:|---:|";
 
-pub fn live(conns: u32, rates: &[u32], real_conns: u32) {
+pub fn live(conns: u32, rates: &[u32], real_conns: u32, quick: bool) {
     println!("\n## 4. Live traffic against libpcap peers (over a veth pair)\n");
     let net = Net::new();
     let dir = tempfile::tempdir().unwrap();
@@ -648,7 +768,7 @@ pub fn live(conns: u32, rates: &[u32], real_conns: u32) {
         } else {
             format!("{pps} pps")
         };
-        compare(dir.path(), &label, Some(&warm_up), |_| {
+        compare(dir.path(), &label, Some(&warm_up), 1, |_| {
             let (packets, rate) = replay(&pcap, pps);
             Load {
                 sent: Sent { packets, ..sent },
@@ -663,12 +783,20 @@ pub fn live(conns: u32, rates: &[u32], real_conns: u32) {
     );
     println!("{TABLE_HEAD}");
     let mut port = 8000;
-    compare(dir.path(), "max", None, |_| {
-        // A listening port of its own per run: no tuple from an earlier run
-        // lingers in TIME_WAIT.
-        port += 1;
-        real_connections(dir.path(), real_conns, port)
-    });
+    MONITOR_CPU.store(0, std::sync::atomic::Ordering::Relaxed);
+    compare(
+        dir.path(),
+        "max",
+        None,
+        if quick { 1 } else { REAL_ROUNDS },
+        |_| {
+            // A listening port of its own per run: no tuple from an earlier run
+            // lingers in TIME_WAIT.
+            port += 1;
+            real_connections(dir.path(), real_conns, port)
+        },
+    );
+    MONITOR_CPU.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
     drop(net);
 }
 
@@ -681,7 +809,7 @@ fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
         net::{TcpListener, TcpStream},
     };
     let wire = dir.join("wire.pcap");
-    let mut capture = in_ns(
+    let mut capture = monitor_cmd(
         CLT_NS,
         &[
             "tcpdump",
@@ -690,9 +818,10 @@ fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
             "-n",
             "-B",
             "65536",
-            // Every packet handed over at once: a buffered block still in
-            // the kernel when it stops would be lost from the count.
-            "--immediate-mode",
+            // Not --immediate-mode, which woke it for every packet, beside
+            // the connections, and moved their rate by a fifth from run to
+            // run: it reads a block at a time, and the last, partly filled
+            // block is handed over by the block timeout (below).
             "-U",
             "-w",
             &wire.to_string_lossy(),
@@ -705,6 +834,7 @@ fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
     wait_for_line(dir, "wire", "listening on");
     let listener = in_ns_thread(SRV_NS, move || TcpListener::bind((SRV_ADDR, port)).unwrap());
     let server = thread::spawn(move || {
+        pin_to_last_cpu();
         let mut buf = [0u8; 100];
         for _ in 0..n {
             let (mut s, _) = listener.accept().unwrap();
@@ -713,6 +843,7 @@ fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
     });
     let started = std::time::Instant::now();
     in_ns_thread(CLT_NS, move || {
+        pin_to_last_cpu();
         let mut buf = [0u8; 1];
         for _ in 0..n {
             let mut s = TcpStream::connect((SRV_ADDR, port)).unwrap();
@@ -723,8 +854,9 @@ fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
     });
     server.join().unwrap();
     let elapsed = started.elapsed();
-    // The last FIN's ACK, then the capture's end.
-    thread::sleep(Duration::from_millis(200));
+    // The last FIN's ACK, and the kernel's timeout for the capture's last
+    // block (tcpdump's packet buffer timeout, 1 s), then the capture's end.
+    thread::sleep(Duration::from_millis(1300));
     let pid = nix::unistd::Pid::from_raw(capture.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     capture.wait().unwrap();
@@ -735,6 +867,26 @@ fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
         server: SRV_ADDR.parse().unwrap(),
         server_port: port,
     }
+}
+
+/// Runs of the real connections per monitor: their rates vary more from
+/// run to run than the replay's, so the table shows medians.
+const REAL_ROUNDS: usize = 5;
+
+/// Keeps the calling thread on the machine's last CPU. The real
+/// connections' client and server both run there, and so does the kernel's
+/// work for their packets (veth delivers on the sending CPU): that CPU is
+/// busy for the whole run, and whatever a monitor adds to a packet's path
+/// lengthens the run by exactly that, while the monitors' own processes
+/// take the other CPU. Left to the scheduler, the two threads ping-ponged
+/// between the CPUs or shared one depending on what else ran, which moved
+/// the rate by half from run to run.
+fn pin_to_last_cpu() {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    let last = thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    let mut set = CpuSet::new();
+    set.set(last).unwrap();
+    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
 }
 
 /// Runs `f` on a thread inside namespace `ns`; sockets it makes stay there.
