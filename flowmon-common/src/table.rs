@@ -1,4 +1,4 @@
-//! The flow table's layout: buckets of slots in two array maps, found by a
+//! The flow table's layout: buckets of slots in one array map, found by a
 //! seeded hash that the programs and the agent compute alike.
 //!
 //! Why arrays and not a BPF hash map: a hash map lookup is a call into the
@@ -8,13 +8,15 @@
 //! all, halved the cost of a data segment (docs/performance.md). The agent
 //! reads the table through `mmap`, with no syscall per entry either.
 //!
-//! `BUCKETS[b]` holds a lock and the tags of its [`WAYS`] ways;
-//! `SLOTS[b * WAYS + w]` holds way `w`'s key and counters. A tag is 0 for a
-//! free way, else the key's fingerprint ([`tag_of`], never 0). Packets find
-//! their entry without the lock: a way becomes visible when its tag is
-//! written, after its key and zeroed counters. Whoever changes which key a
-//! way holds (a packet inserting or evicting, the agent's take) holds the
-//! bucket's lock for it.
+//! `BUCKETS[b]` holds a lock, the tags of its [`WAYS`] ways and the ways'
+//! slots (key and counters), one element, so that a packet makes one
+//! lookup for its bucket and its slot: each inlined lookup is still a call
+//! to LLVM, which keeps the values live across it on the stack. A tag is 0
+//! for a free way, else the key's fingerprint ([`tag_of`], never 0).
+//! Packets find their entry without the lock: a way becomes visible when
+//! its tag is written, after its key and zeroed counters. Whoever changes
+//! which key a way holds (a packet inserting or evicting, the agent's take)
+//! holds the bucket's lock for it.
 
 use crate::flow::{FlowKey, FlowValue};
 
@@ -23,14 +25,17 @@ use crate::flow::{FlowKey, FlowValue};
 pub const WAYS: usize = 14;
 
 /// One bucket: its lock (0 free, 1 held; a 64-bit word because the bpf
-/// target's compare-and-swap is 64-bit) and its ways' tags.
+/// target's compare-and-swap is 64-bit) and its ways' tags in the first
+/// cache line, then the ways' slots.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bucket {
     pub lock: u64,
     pub tags: [u32; WAYS],
+    pub slots: [Slot; WAYS],
 }
-const _: () = assert!(core::mem::size_of::<Bucket>() == 64);
+const _: () = assert!(core::mem::size_of::<Bucket>() == 64 + WAYS * 256);
+const _: () = assert!(core::mem::offset_of!(Bucket, slots) == 64);
 
 /// One way: the connection's key and what it counted.
 #[repr(C)]
@@ -114,8 +119,8 @@ pub fn hash(key: &FlowKey, seeds: &Seeds) -> u64 {
 /// The version of the table's layout and hashing, kept in a pinned table's
 /// config: an agent finding another one there refuses to resume it, as it
 /// would look for every entry in the wrong place. 2: IPv4 keys hash three
-/// words.
-pub const TABLE_LAYOUT: u32 = 2;
+/// words; 3: slots inside their bucket, one map.
+pub const TABLE_LAYOUT: u32 = 3;
 
 /// The bucket of a hash among `buckets` (a multiply, not a division).
 #[inline(always)]

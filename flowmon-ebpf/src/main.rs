@@ -35,17 +35,14 @@ use flowmon_common::{
 };
 
 /// The flow table (see flowmon_common::table): one way per connection in
-/// buckets of 14. A full bucket makes room by evicting its least recently
-/// active way, so a full table never refuses a new connection; the agent
-/// notices the disappearance and reports it as evicted. Both are sized at
-/// load time (`--max-flows`) and mapped by the agent.
+/// buckets of 14, each bucket holding its ways' slots. A full bucket makes
+/// room by evicting its least recently active way, so a full table never
+/// refuses a new connection; the agent notices the disappearance and
+/// reports it as evicted. Sized at load time (`--max-flows`) and mapped by
+/// the agent.
 #[map]
 static BUCKETS: Array<Bucket> =
     Array::with_max_entries(buckets_for(DEFAULT_MAX_FLOWS), BPF_F_MMAPABLE);
-
-#[map]
-static SLOTS: Array<Slot> =
-    Array::with_max_entries(buckets_for(DEFAULT_MAX_FLOWS) * WAYS as u32, BPF_F_MMAPABLE);
 
 /// This CPU's global counters and parse scratch (one lookup a packet).
 #[map]
@@ -273,8 +270,8 @@ fn find_in(b: u32, tag: u32, key: &FlowKey) -> Option<(usize, *mut FlowValue)> {
         // Safety: a BUCKETS element, valid during this run; another CPU may
         // write the tag, so it is read once.
         if unsafe { (&raw const (*bucket).tags[w]).read_volatile() } == tag {
-            let slot = SLOTS.get_ptr_mut(b * WAYS as u32 + w as u32)?;
-            // Safety: a SLOTS element, valid during this run.
+            let slot = way(bucket, w);
+            // Safety: a slot of the bucket, valid during this run.
             if key_eq(unsafe { &(*slot).key }, key) {
                 return Some((w, unsafe { &raw mut (*slot).value }));
             }
@@ -282,6 +279,15 @@ fn find_in(b: u32, tag: u32, key: &FlowKey) -> Option<(usize, *mut FlowValue)> {
         w += 1;
     }
     None
+}
+
+/// Way `w`'s slot in `bucket`: pointer arithmetic within the bucket's map
+/// element, no lookup.
+#[inline(always)]
+fn way(bucket: *mut Bucket, w: usize) -> *mut Slot {
+    // Safety: `bucket` is a BUCKETS element and `w < WAYS` (every caller
+    // loops below it or checks it), so the slot lies inside the element.
+    unsafe { (&raw mut (*bucket).slots).cast::<Slot>().add(w) }
 }
 
 /// A key's two buckets (see flowmon_common::table) and its tag.
@@ -390,9 +396,9 @@ fn insert(at: &Place, key: &FlowKey) -> Option<*mut FlowValue> {
     // during this run, their locks held.
     let (i, w) = unsafe { choose(at, &mut *pick) };
     let got = if i == 0 {
-        claim(at.bucket[0], at.b[0], w, at.tag, key)
+        claim(at.bucket[0], w, at.tag, key)
     } else {
-        claim(at.bucket[1], at.b[1], w, at.tag, key)
+        claim(at.bucket[1], w, at.tag, key)
     };
     at.unlock();
     got
@@ -459,12 +465,10 @@ unsafe fn choose(at: &Place, p: &mut Pick) -> (usize, usize) {
         while i < 2 {
             let mut w = 0;
             while w < WAYS {
-                if let Some(slot) = SLOTS.get_ptr(at.b[i] * WAYS as u32 + w as u32) {
-                    let t = last_active(&(*slot).value);
-                    if t < (&raw const (*p).oldest).read_volatile() {
-                        (&raw mut (*p).oldest).write_volatile(t);
-                        (&raw mut (*p).victim).write_volatile([i as u32, w as u32]);
-                    }
+                let t = last_active(&(*way(at.bucket[i], w)).value);
+                if t < (&raw const (*p).oldest).read_volatile() {
+                    (&raw mut (*p).oldest).write_volatile(t);
+                    (&raw mut (*p).victim).write_volatile([i as u32, w as u32]);
                 }
                 w += 1;
             }
@@ -478,11 +482,11 @@ unsafe fn choose(at: &Place, p: &mut Pick) -> (usize, usize) {
 /// Writes `key` and zeroed counters into way `w`, then publishes its tag.
 /// The way stops being found under its old key first.
 #[inline(always)]
-fn claim(bucket: *mut Bucket, b: u32, w: usize, tag: u32, key: &FlowKey) -> Option<*mut FlowValue> {
+fn claim(bucket: *mut Bucket, w: usize, tag: u32, key: &FlowKey) -> Option<*mut FlowValue> {
     if w >= WAYS {
         return None;
     }
-    let slot = SLOTS.get_ptr_mut(b * WAYS as u32 + w as u32)?;
+    let slot = way(bucket, w);
     let zero = ZERO.get(0)?;
     // Safety: the bucket's lock is held; `slot` and `bucket` are valid
     // during this run.

@@ -1,5 +1,5 @@
-//! The kernel's flow table as the agent sees it: the two array maps mapped
-//! into this process and read in place, without a syscall per entry.
+//! The kernel's flow table as the agent sees it: the BUCKETS array map
+//! mapped into this process and read in place, without a syscall per entry.
 //!
 //! The layout and the hash are flowmon_common::table's, shared with the
 //! programs. Reads take no lock, like the programs' lookups: a way's copy
@@ -20,22 +20,15 @@ use crate::bpfsys::MappedArray;
 
 pub struct FlowTable {
     buckets: MappedArray<Bucket>,
-    slots: MappedArray<Slot>,
     seeds: Seeds,
 }
 
 impl FlowTable {
-    /// Maps the BUCKETS and SLOTS maps (`buckets` and `buckets * WAYS`
-    /// elements); `seeds` is the table's hash seed.
-    pub fn new(
-        buckets: BorrowedFd<'_>,
-        slots: BorrowedFd<'_>,
-        n: u32,
-        seeds: Seeds,
-    ) -> io::Result<Self> {
+    /// Maps the BUCKETS map (`n` buckets); `seeds` is the table's hash
+    /// seed.
+    pub fn new(buckets: BorrowedFd<'_>, n: u32, seeds: Seeds) -> io::Result<Self> {
         Ok(Self {
             buckets: MappedArray::new(buckets, n as usize)?,
-            slots: MappedArray::new(slots, n as usize * WAYS)?,
             seeds,
         })
     }
@@ -51,10 +44,16 @@ impl FlowTable {
         unsafe { (&raw const (*self.buckets.ptr(b)).tags[w]).read_volatile() }
     }
 
-    /// The key in slot `i`, as it is now.
-    fn key(&self, i: usize) -> FlowKey {
-        // Safety: a valid element of the mapping; FlowKey is plain data.
-        unsafe { (&raw const (*self.slots.ptr(i)).key).read_volatile() }
+    /// Way `w`'s slot in bucket `b`.
+    fn slot(&self, b: usize, w: usize) -> *mut Slot {
+        // Safety: a valid element of the mapping, and `w < WAYS`.
+        unsafe { (&raw mut (*self.buckets.ptr(b)).slots[w]) }
+    }
+
+    /// The key in way `w` of bucket `b`, as it is now.
+    fn key(&self, b: usize, w: usize) -> FlowKey {
+        // Safety: a valid slot of the mapping; FlowKey is plain data.
+        unsafe { (&raw const (*self.slot(b, w)).key).read_volatile() }
     }
 
     /// Appends the entries of buckets `from..to` to `out`; returns how many.
@@ -71,7 +70,7 @@ impl FlowTable {
                 if tag == 0 {
                     continue;
                 }
-                let slot = self.slots.ptr(b * WAYS + w);
+                let slot = self.slot(b, w);
                 // Safety: a valid element of the mapping; both plain data.
                 let entry = unsafe {
                     (
@@ -96,7 +95,7 @@ impl FlowTable {
         let tag = tag_of(h);
         let found = (0..2)
             .flat_map(|i| (0..WAYS).map(move |w| (i, w)))
-            .find(|&(i, w)| self.tag(b[i], w) == tag && key_eq(&self.key(b[i] * WAYS + w), key));
+            .find(|&(i, w)| self.tag(b[i], w) == tag && key_eq(&self.key(b[i], w), key));
         (b, tag, found)
     }
 
@@ -104,7 +103,8 @@ impl FlowTable {
     pub fn lookup(&self, key: &FlowKey) -> Option<FlowValue> {
         let (b, tag, found) = self.locate(key);
         let (i, w) = found?;
-        let slot = self.slots.read(b[i] * WAYS + w);
+        // Safety: a valid slot of the mapping; plain data.
+        let slot = unsafe { self.slot(b[i], w).read_volatile() };
         (self.tag(b[i], w) == tag && key_eq(&slot.key, key)).then_some(slot.value)
     }
 
@@ -143,7 +143,12 @@ impl FlowTable {
             Some(i) => (i, (0..WAYS).find(|&w| self.tag(b[i], w) == 0).unwrap_or(0)),
             None => (0..2)
                 .flat_map(|i| (0..WAYS).map(move |w| (i, w)))
-                .min_by_key(|&(i, w)| last_active(&self.slots.read(b[i] * WAYS + w).value))
+                // Safety: a valid slot of the mapping; plain data.
+                .min_by_key(|&(i, w)| {
+                    last_active(&unsafe {
+                        (&raw const (*self.slot(b[i], w)).value).read_volatile()
+                    })
+                })
                 .unwrap_or((0, 0)),
         });
         let slot = Slot {
@@ -155,7 +160,7 @@ impl FlowTable {
         unsafe {
             let t = &raw mut (*self.buckets.ptr(b[i])).tags[w];
             t.write_volatile(0);
-            self.slots.ptr(b[i] * WAYS + w).write_volatile(slot);
+            self.slot(b[i], w).write_volatile(slot);
             std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
             t.write_volatile(tag);
         }

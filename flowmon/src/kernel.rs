@@ -24,7 +24,7 @@ use flowmon_common::{
     stats::{
         CpuState, STAT_COUNT, STAT_FRAGMENTS, STAT_MALFORMED, STAT_NON_TCP, STAT_PACKETS, STAT_TCP,
     },
-    table::{Seeds, TABLE_LAYOUT, WAYS, buckets_for},
+    table::{Seeds, TABLE_LAYOUT, buckets_for},
 };
 
 use crate::{caps, flowtable::FlowTable, iface};
@@ -42,7 +42,6 @@ pub const PASS_TC_PROGRAM: &str = "flowmon_pass_tc";
 /// Takes finished connections out of the flow table, a batch per test run.
 const TAKE_PROGRAM: &str = "flowmon_take";
 const BUCKETS_MAP: &str = "BUCKETS";
-const SLOTS_MAP: &str = "SLOTS";
 const STATS_MAP: &str = "STATS";
 const CONFIG_MAP: &str = "CONFIG";
 const CLOSED_MAP: &str = "CLOSED";
@@ -209,18 +208,11 @@ fn pin_error(what: &'static str, iface: &str, reason: impl ToString) -> KernelEr
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowmon";
 
 /// The maps that carry state across agents (the rest are per-program scratch).
-const PINNED_MAPS: [&str; 6] = [
-    BUCKETS_MAP,
-    SLOTS_MAP,
-    STATS_MAP,
-    CLOSED_MAP,
-    CONFIG_MAP,
-    DIRTY_MAP,
-];
+const PINNED_MAPS: [&str; 5] = [BUCKETS_MAP, STATS_MAP, CLOSED_MAP, CONFIG_MAP, DIRTY_MAP];
 
-/// Maps earlier versions pinned (the LRU hash flow table), which `detach`
-/// removes too.
-const LEGACY_PINNED_MAPS: [&str; 1] = ["FLOWS"];
+/// Maps earlier versions pinned (the LRU hash flow table, then the slots
+/// apart from their buckets), which `detach` removes too.
+const LEGACY_PINNED_MAPS: [&str; 2] = ["FLOWS", "SLOTS"];
 
 /// Where and how the programs were attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -289,7 +281,6 @@ impl Kernel {
         let mut loader = EbpfLoader::new();
         let buckets = buckets_for(opts.max_flows);
         loader.map_max_entries(BUCKETS_MAP, buckets);
-        loader.map_max_entries(SLOTS_MAP, buckets * WAYS as u32);
         let mut resumed = false;
         if let Some(dir) = &opts.pin {
             if !on_bpffs(dir) {
@@ -369,17 +360,12 @@ impl Kernel {
             config.max_flows = opts.max_flows;
         }
         // A pinned table keeps its own size.
-        let table = FlowTable::new(
-            map_fd(&ebpf, BUCKETS_MAP)?,
-            map_fd(&ebpf, SLOTS_MAP)?,
-            config.buckets,
-            config.seeds,
-        )
-        .map_err(|source| KernelError::Syscall {
-            call: "mmap",
-            map: SLOTS_MAP,
-            source,
-        })?;
+        let table = FlowTable::new(map_fd(&ebpf, BUCKETS_MAP)?, config.buckets, config.seeds)
+            .map_err(|source| KernelError::Syscall {
+                call: "mmap",
+                map: BUCKETS_MAP,
+                source,
+            })?;
         let mut kernel = Self {
             ebpf,
             closed,
@@ -710,18 +696,13 @@ impl Kernel {
         Ok(())
     }
 
-    /// Kernel memory charged to the flow table (the `memlock` of its maps).
+    /// Kernel memory charged to the flow table (the `memlock` of its map).
     pub fn flow_table_bytes(&self) -> Option<u64> {
-        [BUCKETS_MAP, SLOTS_MAP]
-            .into_iter()
-            .map(|name| {
-                let fd = std::os::fd::AsRawFd::as_raw_fd(&map_fd(&self.ebpf, name).ok()?);
-                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-                info.lines()
-                    .find_map(|l| l.strip_prefix("memlock:"))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            })
-            .sum()
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&map_fd(&self.ebpf, BUCKETS_MAP).ok()?);
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
     }
 
     /// Makes the programs use `ns` as the packet time instead of the kernel

@@ -209,7 +209,7 @@ fn killed_agent(extra: &[&str], hooks: &str, xdp: bool) {
 
     // detach removes the links (so the programs) and the maps.
     let text = common::succeeded(&flowmon(&["detach", "--pin-dir", &pins]));
-    assert_eq!(text.lines().count(), 8, "two links and six maps: {text}");
+    assert_eq!(text.lines().count(), 7, "two links and five maps: {text}");
     assert!(!xdp_attached(&pair.clt_ns, &pair.clt_if));
     assert!(!std::path::Path::new(&pins).exists());
     // A pin directory that is not on a BPF filesystem is refused clearly.
