@@ -405,14 +405,14 @@ impl Kernel {
         t.ok_or(KernelError::Clock)
     }
 
-    /// How the programs' coarse clock converts jiffies, if it was measured.
-    pub fn ticks(&self) -> Option<crate::ticks::Ticks> {
+    /// How the programs' coarse clock converts jiffies (measured at load).
+    pub fn ticks(&self) -> crate::ticks::Ticks {
         let c = &self.config;
-        (c.tick_ns != 0).then_some(crate::ticks::Ticks {
+        crate::ticks::Ticks {
             tick_ns: c.tick_ns,
             jiffies_at: c.jiffies_at,
             jiffies_ns: c.jiffies_ns,
-        })
+        }
     }
 
     /// Entries the flow table holds at most (`--max-flows`, or the pinned

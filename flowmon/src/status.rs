@@ -35,7 +35,8 @@ pub struct Status {
     /// Whether this agent took over a table an earlier one pinned.
     pub resumed: bool,
     /// The tick of the coarse clock the programs read from jiffies (see
-    /// `flowmon::ticks`), in ns; `None`: the coarse clock helper instead.
+    /// `flowmon::ticks`), in ns. An agent always reports it; `None` only
+    /// from an agent older than the field.
     #[serde(default)]
     pub tick_ns: Option<u64>,
     pub table: Table,
@@ -129,9 +130,7 @@ impl Status {
                     "jiffies (tick {} ms): events in order, times within a tick",
                     t as f64 / 1e6
                 ),
-                // An agent always measures it; a status without it came
-                // from a replay, which times packets by their capture.
-                None => "capture times (replay)".into(),
+                None => "not reported (an older agent)".into(),
             },
         ));
         let t = &self.table;

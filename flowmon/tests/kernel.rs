@@ -973,7 +973,7 @@ fn incremental_polls_read_what_changed_and_sweep_for_the_rest() {
 fn packets_are_timed_by_the_calibrated_jiffies_clock_and_events_stay_in_order() {
     use flowmon::{agent::monotonic_ns, ticks::TICKS_NS};
     let k = load();
-    let ticks = k.ticks().expect("the coarse clock calibrated at load");
+    let ticks = k.ticks();
     assert!(TICKS_NS.contains(&ticks.tick_ns), "{ticks:?}");
     let c = ip("10.1.0.2");
     let s = ip("10.1.0.1");

@@ -646,10 +646,7 @@ fn compare(
             samples[i].push(measure(m, dir, warm_up, &mut load));
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = super::median;
     for (i, &m) in MONITORS.iter().enumerate() {
         let runs = &samples[i];
         let sum = |f: &dyn Fn(&Sample) -> u64| runs.iter().map(f).sum::<u64>();
@@ -669,6 +666,7 @@ fn compare(
         let whole = if m == Monitor::None {
             "-".to_string()
         } else {
+            // MONITORS[0] is the baseline, run first in every round.
             per_mpkt(&|r, s| (s.busy - samples[0][r].busy).max(0.0))
         };
         let own = if runs[0].own.is_none() {

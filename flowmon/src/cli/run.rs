@@ -453,7 +453,7 @@ fn status(agent: &Agent, sinks: &Sinks, cfg: &RunConfig, h: &Health) -> Status {
             .collect(),
         pin_dir: cfg.load.pin.as_deref().map(path),
         resumed: agent.kernel.resumed(),
-        tick_ns: agent.kernel.ticks().map(|t| t.tick_ns),
+        tick_ns: Some(agent.kernel.ticks().tick_ns),
         table: status::Table {
             capacity: cfg.load.max_flows,
             used: used as u64,
