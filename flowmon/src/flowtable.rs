@@ -18,6 +18,20 @@ use flowmon_common::{
 
 use crate::bpfsys::MappedArray;
 
+/// How many buckets ahead [`FlowTable::read_buckets`] asks for.
+const PREFETCH: usize = 16;
+
+/// Starts loading the cache line at `p` (a hint: it never faults).
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // Safety: prefetching has no effect on the program's state.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 pub struct FlowTable {
     buckets: MappedArray<Bucket>,
     seeds: Seeds,
@@ -64,7 +78,15 @@ impl FlowTable {
         out: &mut Vec<(FlowKey, FlowValue)>,
     ) -> usize {
         let start = out.len();
-        for b in from..to.min(self.buckets()) {
+        let to = to.min(self.buckets());
+        for b in from..to {
+            // Each bucket's tags are a cache line of a page of their own
+            // (a bucket is 3,648 bytes): a mostly empty table is read at the
+            // speed of its misses, one after another, unless the next ones
+            // are already on their way.
+            if b + PREFETCH < to {
+                prefetch(self.buckets.ptr(b + PREFETCH));
+            }
             for w in 0..WAYS {
                 let tag = self.tag(b, w);
                 if tag == 0 {

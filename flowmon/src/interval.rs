@@ -6,7 +6,9 @@
 //! agents (or one agent before and after a restart) cut time the same way.
 //! A closed connection counts in the interval of the poll that reported it.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
+
+use rustc_hash::FxHashMap;
 
 use serde_json::{Value, json};
 
@@ -93,9 +95,9 @@ pub struct Intervals {
     start_ms: Option<u64>,
     global: Metrics,
     opened: u64,
-    ifaces: HashMap<String, (u64, Metrics)>,
-    servers: HashMap<IpAddr, Metrics>,
-    ports: HashMap<u16, Metrics>,
+    ifaces: FxHashMap<String, (u64, Metrics)>,
+    servers: FxHashMap<IpAddr, Metrics>,
+    ports: FxHashMap<u16, Metrics>,
 }
 
 impl Intervals {
@@ -105,9 +107,9 @@ impl Intervals {
             start_ms: None,
             global: Metrics::default(),
             opened: 0,
-            ifaces: HashMap::new(),
-            servers: HashMap::new(),
-            ports: HashMap::new(),
+            ifaces: FxHashMap::default(),
+            servers: FxHashMap::default(),
+            ports: FxHashMap::default(),
         }
     }
 
@@ -214,11 +216,11 @@ impl Intervals {
     }
 }
 
-fn bounded<K: std::hash::Hash + Eq>(m: &mut HashMap<K, Metrics>, k: K) -> Option<&mut Metrics> {
-    if m.len() < TRACKED || m.contains_key(&k) {
+fn bounded<K: std::hash::Hash + Eq>(m: &mut FxHashMap<K, Metrics>, k: K) -> Option<&mut Metrics> {
+    if m.len() < TRACKED {
         Some(m.entry(k).or_default())
     } else {
-        None
+        m.get_mut(&k)
     }
 }
 

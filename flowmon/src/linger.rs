@@ -13,12 +13,13 @@
 //! tuple, as the kernel decides when it retires a finished entry: the held
 //! one is then over, and the new one is left alone.
 
-use std::time::Duration;
+use std::{collections::hash_map::Entry, time::Duration};
 
-use flowmon_common::flow::{FlowKey, FlowValue};
+use flowmon_common::{
+    flow::{FlowKey, FlowValue},
+    table::last_active,
+};
 use rustc_hash::FxHashMap;
-
-use crate::model::Conn;
 
 /// What an entry read from the kernel, under a key, is to the held ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,23 +70,26 @@ impl Held {
 
     /// Holds a connection just taken out of the table.
     pub fn hold(&mut self, key: FlowKey, value: FlowValue) {
-        if let Some(&i) = self.index.get(&key) {
-            let (v, touched) = &mut self.slab[i as usize];
-            v.merge(&value);
-            *touched = true;
-            return;
+        match self.index.entry(key) {
+            Entry::Occupied(e) => {
+                let (v, touched) = &mut self.slab[*e.get() as usize];
+                v.merge(&value);
+                *touched = true;
+            }
+            Entry::Vacant(e) => {
+                let i = match self.free.pop() {
+                    Some(i) => {
+                        self.slab[i as usize] = (value, true);
+                        i
+                    }
+                    None => {
+                        self.slab.push((value, true));
+                        (self.slab.len() - 1) as u32
+                    }
+                };
+                e.insert(i);
+            }
         }
-        let i = match self.free.pop() {
-            Some(i) => {
-                self.slab[i as usize] = (value, true);
-                i
-            }
-            None => {
-                self.slab.push((value, true));
-                (self.slab.len() - 1) as u32
-            }
-        };
-        self.index.insert(key, i);
     }
 
     /// Ends the held connection on `key`, if any, and returns it.
@@ -107,11 +111,10 @@ impl Held {
         let linger = linger.as_nanos() as u64;
         let (slab, free) = (&self.slab, &mut self.free);
         self.index.retain(|k, i| {
-            let v = slab[*i as usize].0;
-            let silent = now_ns.saturating_sub(Conn::new(*k, v).last_ns());
-            let due = flush || silent >= linger;
+            let v = &slab[*i as usize].0;
+            let due = flush || now_ns.saturating_sub(last_active(v)) >= linger;
             if due {
-                out.push((*k, v));
+                out.push((*k, *v));
                 free.push(*i);
             }
             !due

@@ -45,10 +45,9 @@ impl ConnRecord {
 
     /// The record of a connection the kernel evicted: the class says so,
     /// whatever its last-seen packets looked like.
-    pub fn evicted(mut self) -> Self {
+    pub fn mark_evicted(&mut self) {
         self.close = Close::Evicted;
         self.closed_by = ClosedBy::None;
-        self
     }
 
     /// A record read back from history: the class and times as they were
@@ -217,7 +216,7 @@ pub fn sort(records: &mut [ConnRecord]) {
     records.sort_by_cached_key(|r| (total(r.first_seen), r.conn.key));
 }
 
-/// Builds records for `flows` with interface names from `names`.
+/// Builds records for `flows` with interface names from `names`, sorted.
 pub fn build(
     flows: Vec<(
         flowmon_common::flow::FlowKey,
@@ -228,18 +227,32 @@ pub fn build(
     t: &Timeouts,
     offset_ns: i128,
 ) -> Vec<ConnRecord> {
-    let mut records: Vec<ConnRecord> = flows
-        .into_iter()
-        .map(|(k, v)| {
-            let iface = names
-                .get(&k.ifindex)
-                .cloned()
-                .unwrap_or_else(|| k.ifindex.to_string());
-            ConnRecord::new(Conn::new(k, v), iface, now_ns, t, offset_ns)
-        })
-        .collect();
+    let mut records = Vec::with_capacity(flows.len());
+    extend(&mut records, &flows, names, now_ns, t, offset_ns);
     sort(&mut records);
     records
+}
+
+/// Appends the records of `flows` to `records`, unsorted (for a caller
+/// that adds more before its one [`sort`]).
+pub fn extend(
+    records: &mut Vec<ConnRecord>,
+    flows: &[(
+        flowmon_common::flow::FlowKey,
+        flowmon_common::flow::FlowValue,
+    )],
+    names: &HashMap<u32, String>,
+    now_ns: u64,
+    t: &Timeouts,
+    offset_ns: i128,
+) {
+    records.extend(flows.iter().map(|&(k, v)| {
+        let iface = names
+            .get(&k.ifindex)
+            .cloned()
+            .unwrap_or_else(|| k.ifindex.to_string());
+        ConnRecord::new(Conn::new(k, v), iface, now_ns, t, offset_ns)
+    }));
 }
 
 #[cfg(test)]

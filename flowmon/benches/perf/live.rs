@@ -478,7 +478,9 @@ fn counted(
             let (mut syn, mut fin, mut rst) = (0, 0, 0);
             for line in String::from_utf8_lossy(&flows.stdout).lines() {
                 let r: serde_json::Value = serde_json::from_str(line).unwrap();
-                if r["server.ip"].as_str() != Some(server.to_string().as_str()) {
+                if r["server.ip"].as_str() != Some(server.to_string().as_str())
+                    || r["server.port"].as_u64() != Some(u64::from(server_port))
+                {
                     continue;
                 }
                 let n = |k: &str| r[k].as_u64().unwrap_or(0);
@@ -516,8 +518,13 @@ fn counted(
             let (mut packets, mut syn, mut fin, mut rst) = (0, 0, 0, 0);
             for line in text.lines().skip(1) {
                 let f: Vec<&str> = line.split(',').collect();
-                let ours = [f[0], f[1]].contains(&server.to_string().as_str());
-                if f.len() < 8 || f[5] != "tcp" || !ours {
+                if f.len() < 8 || f[5] != "tcp" {
+                    continue;
+                }
+                let port = server_port.to_string();
+                let ours = [f[0], f[1]].contains(&server.to_string().as_str())
+                    && [f[2], f[3]].contains(&port.as_str());
+                if !ours {
                     continue;
                 }
                 let flags: u8 = f[4].parse().unwrap_or(0);
@@ -628,21 +635,24 @@ const MONITORS: [Monitor; 7] = [
 /// prints a row for each: counts summed over the rounds, the rate and the
 /// CPU figures the medians of the rounds', each round's whole-machine
 /// figure taken beyond that round's baseline. `label` names the rate
-/// column. With `warm_up` (a capture of other connections), each monitor
-/// first sees that at top speed, unmeasured, and is given the linger and a
-/// poll to finish with it: what is measured is then a monitor in its
+/// column. With `warm_up` (other connections, sent by the closure, which
+/// returns the packets it sent), each monitor first sees those, unmeasured,
+/// and is given the linger and a poll to finish with them: what is measured is then a monitor in its
 /// steady state (tables and queues grown, pages touched), as a monitor runs
 /// for days.
 fn compare(
     dir: &Path,
     label: &str,
-    warm_up: Option<&Path>,
+    mut warm_up: Option<&mut dyn FnMut() -> u64>,
     rounds: usize,
     mut load: impl FnMut(Monitor) -> Load,
 ) {
     let mut samples: Vec<Vec<Sample>> = (0..MONITORS.len()).map(|_| Vec::new()).collect();
     for _ in 0..rounds {
         for (i, &m) in MONITORS.iter().enumerate() {
+            let warm_up = warm_up
+                .as_mut()
+                .map(|w| &mut **w as &mut dyn FnMut() -> u64);
             samples[i].push(measure(m, dir, warm_up, &mut load));
         }
     }
@@ -703,12 +713,12 @@ fn compare(
 fn measure(
     m: Monitor,
     dir: &Path,
-    warm_up: Option<&Path>,
+    warm_up: Option<&mut dyn FnMut() -> u64>,
     load: &mut impl FnMut(Monitor) -> Load,
 ) -> Sample {
     let mut r = start(m, dir);
-    if let Some(pcap) = warm_up {
-        let (packets, _) = replay(pcap, 0);
+    if let Some(warm_up) = warm_up {
+        let packets = warm_up();
         thread::sleep(Duration::from_millis(3500));
         r.before = match m {
             m if m.is_flowmon() => flowmon_tcp(&r),
@@ -749,11 +759,21 @@ pub fn live(conns: u32, rates: &[u32], real_conns: u32, quick: bool) {
     println!("\n## 4. Live traffic against libpcap peers (over a veth pair)\n");
     let net = Net::new();
     let dir = tempfile::tempdir().unwrap();
-    let pcap = dir.path().join("synthetic.pcap");
+    if !rates.is_empty() {
+        replayed(dir.path(), conns, rates);
+    }
+    real(dir.path(), real_conns, quick);
+    drop(net);
+}
+
+/// The replayed capture of `conns` synthetic connections, at each of `rates`
+/// (0: top speed).
+fn replayed(dir: &Path, conns: u32, rates: &[u32]) {
+    let pcap = dir.join("synthetic.pcap");
     let server: IpAddr = "10.253.0.1".parse().unwrap();
     let sent = write_capture(&pcap, conns, server);
     // The same connections to another server, to warm each monitor up with.
-    let warm_up = dir.path().join("warm-up.pcap");
+    let warm_up = dir.join("warm-up.pcap");
     write_capture(&warm_up, conns, "10.253.0.2".parse().unwrap());
     println!(
         "### Replayed capture (tcpreplay)\n\n{conns} connections, {} packets per replay: SYN {}, FIN {}, RST {}. Each monitor first sees the same connections to another server at top speed, unmeasured, then the linger passes (steady state).\n",
@@ -766,7 +786,7 @@ pub fn live(conns: u32, rates: &[u32], real_conns: u32, quick: bool) {
         } else {
             format!("{pps} pps")
         };
-        compare(dir.path(), &label, Some(&warm_up), 1, |_| {
+        compare(dir, &label, Some(&mut || replay(&warm_up, 0).0), 1, |_| {
             let (packets, rate) = replay(&pcap, pps);
             Load {
                 sent: Sent { packets, ..sent },
@@ -776,26 +796,31 @@ pub fn live(conns: u32, rates: &[u32], real_conns: u32, quick: bool) {
             }
         });
     }
+}
+
+/// `real_conns` real TCP connections per run, rounds of every monitor.
+fn real(dir: &Path, real_conns: u32, quick: bool) {
     println!(
-        "\n### Real TCP connections\n\n{real_conns} connections per run, one after another as fast as one client thread opens them: the client sends 100 bytes, the server reads them and closes, the client closes. What was sent is read from a capture on the client's side.\n"
+        "\n### Real TCP connections\n\n{real_conns} connections per run, one after another as fast as one client thread opens them: the client sends 100 bytes, the server reads them and closes, the client closes. What was sent is read from a capture on the client's side. As with the replay, each monitor first sees as many connections to another port, unmeasured, then the linger passes (steady state).\n"
     );
     println!("{TABLE_HEAD}");
-    let mut port = 8000;
+    // A listening port of its own per run, warm-up or measured: no tuple
+    // from an earlier run lingers in TIME_WAIT, and what a monitor counted
+    // of the warm-up is told apart by the port.
+    let port = std::cell::Cell::new(8000u16);
+    let next_port = || {
+        port.set(port.get() + 1);
+        port.get()
+    };
     MONITOR_CPU.store(0, std::sync::atomic::Ordering::Relaxed);
     compare(
-        dir.path(),
+        dir,
         "max",
-        None,
+        Some(&mut || real_connections(dir, real_conns, next_port()).sent.packets),
         if quick { 1 } else { REAL_ROUNDS },
-        |_| {
-            // A listening port of its own per run: no tuple from an earlier run
-            // lingers in TIME_WAIT.
-            port += 1;
-            real_connections(dir.path(), real_conns, port)
-        },
+        |_| real_connections(dir, real_conns, next_port()),
     );
     MONITOR_CPU.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
-    drop(net);
 }
 
 /// Opens `n` TCP connections from the client namespace to a server in the

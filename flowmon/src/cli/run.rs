@@ -277,7 +277,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
-    keep_freed_memory();
+    agent::keep_freed_memory();
     let mut kernel = Kernel::load(cfg.load.clone())?;
     if kernel.resumed() {
         eprintln!(
@@ -591,20 +591,6 @@ fn poll_once(
         .write_all(out.as_bytes())
         .and_then(|()| stdout.flush())?;
     Ok(())
-}
-
-/// Each poll allocates and frees a few megabytes per 10,000 connections.
-/// glibc hands such blocks back to the kernel when freed (unmapped, or
-/// trimmed off the heap), so every poll faulted in and zeroed fresh pages:
-/// a quarter of a poll's time. Fixed thresholds keep them in the heap.
-fn keep_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // Safety: mallopt only sets allocator parameters (32 MiB is glibc's
-    // largest mmap threshold).
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
 }
 
 #[cfg(test)]
