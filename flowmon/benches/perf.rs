@@ -267,8 +267,9 @@ fn agent_per_connection(per_poll: u32, polls: u32) -> (f64, f64) {
     flowmon::agent::keep_freed_memory();
     let k = Kernel::load(LoadOptions::default()).expect("load (run as root)");
     let mut agent = Agent::new(k, Timeouts::default());
-    // As with --quiet, which the live section runs.
+    // As `flowmon run --quiet` without IPFIX, which the live section runs.
     agent.list_changed(false);
+    agent.export_held = false;
     let mut sinks = flowmon::sinks::Sinks::open(
         &flowmon::sinks::SinkConfig {
             aggregate_interval: Duration::from_secs(10),

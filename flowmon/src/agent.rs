@@ -62,7 +62,8 @@ pub struct PollResult {
     /// Connections finished and removed in this poll, oldest first.
     pub closed: Vec<ConnRecord>,
     /// The connections not yet reported: the entries in the table, and
-    /// those held through their linger.
+    /// those held through their linger (those unchanged since the previous
+    /// poll only with [`Agent::export_held`]).
     pub live: Vec<(FlowKey, FlowValue)>,
 }
 
@@ -111,6 +112,10 @@ pub struct Agent {
     /// The connections a poll reports, kept for the next: grown once, not
     /// by doubling in every poll.
     ended: Vec<(FlowKey, FlowValue)>,
+    /// Whether [`PollResult::live`] lists the held connections that did not
+    /// change since the previous poll: only the IPFIX exporter needs them,
+    /// and copying them is two copies of every held connection, every poll.
+    pub export_held: bool,
 }
 
 /// What one poll read.
@@ -147,6 +152,7 @@ impl Agent {
             spare: Vec::new(),
             unchanged: Vec::new(),
             ended: Vec::new(),
+            export_held: true,
         }
     }
 
@@ -230,11 +236,14 @@ impl Agent {
             .end_due(now_ns, self.timeouts.linger, flush, &mut ended);
         // Held connections count as in the table: those that changed (just
         // taken, or merged into) as read, the rest as known to be there,
-        // which costs the tracker less than comparing their counts.
+        // without a lookup each.
         let mut unchanged = std::mem::take(&mut self.unchanged);
-        self.held.split(&mut live, &mut unchanged);
+        let held_from = live.len();
+        let quiet = self
+            .held
+            .split(&mut live, self.export_held.then_some(&mut unchanged));
+        self.tracker.set_held(held_from, quiet);
         let mut kept = std::mem::take(&mut self.kept);
-        kept.extend(unchanged.iter().map(|(k, _)| *k));
         let removed = std::mem::take(&mut self.removed);
         self.kernel.add_agent_removed(removed)?;
         let ifaces = self
@@ -267,7 +276,8 @@ impl Agent {
         };
         kept.clear();
         self.kept = kept;
-        // Exporters see every connection not yet reported.
+        // Exporters that asked for them see every connection not yet
+        // reported.
         live.extend_from_slice(&unchanged);
         unchanged.clear();
         self.unchanged = unchanged;

@@ -334,7 +334,10 @@ impl Conn {
     /// server sent the first packet (Zeek's "flipped"). Each letter appears
     /// once per side: flowmon keeps first times, not every repetition.
     pub fn history(&self) -> String {
-        let mut events: Vec<(u64, u8, u8, char)> = Vec::with_capacity(12);
+        // At most six first-times a side: on the stack, not the heap (one
+        // allocation less for every connection reported).
+        let mut events = [(0u64, 0u8, 0u8, ' '); 12];
+        let mut n = 0;
         for (side, d) in [(0u8, self.clt()), (1u8, self.srv())] {
             for (rank, t, letter) in [
                 (0u8, d.first_syn_ns, 'S'),
@@ -350,12 +353,14 @@ impl Conn {
                     } else {
                         letter.to_ascii_lowercase()
                     };
-                    events.push((t, side, rank, l));
+                    events[n] = (t, side, rank, l);
+                    n += 1;
                 }
             }
         }
-        events.sort();
-        let mut h = String::with_capacity(events.len() + 1);
+        let events = &mut events[..n];
+        events.sort_unstable();
+        let mut h = String::with_capacity(n + 1);
         let (c, s) = (self.clt().first_ns, self.srv().first_ns);
         if s != 0 && (c == 0 || s < c) {
             h.push('^');

@@ -122,22 +122,26 @@ impl Held {
     }
 
     /// Splits the held connections for this poll's accounting: those added
-    /// or merged into since the last call go to `changed`, the others to
-    /// `unchanged`.
+    /// or merged into since the last call go to `changed`; with
+    /// `unchanged`, the others go there. Returns how many are unchanged.
     pub fn split(
         &mut self,
         changed: &mut Vec<(FlowKey, FlowValue)>,
-        unchanged: &mut Vec<(FlowKey, FlowValue)>,
-    ) {
+        mut unchanged: Option<&mut Vec<(FlowKey, FlowValue)>>,
+    ) -> usize {
+        let mut quiet = 0;
         for (k, i) in &self.index {
             let (v, touched) = &mut self.slab[*i as usize];
-            let to = if std::mem::take(touched) {
-                &mut *changed
+            if std::mem::take(touched) {
+                changed.push((*k, *v));
             } else {
-                &mut *unchanged
-            };
-            to.push((*k, *v));
+                quiet += 1;
+                if let Some(u) = unchanged.as_deref_mut() {
+                    u.push((*k, *v));
+                }
+            }
         }
+        quiet
     }
 
     /// Adds the held connections to `table` (entries read from the kernel),
@@ -249,11 +253,11 @@ mod tests {
         h.hold(key(1), value(4, S, 0));
         h.hold(key(2), value(4, S, 0));
         let (mut changed, mut unchanged) = (Vec::new(), Vec::new());
-        h.split(&mut changed, &mut unchanged);
+        assert_eq!(h.split(&mut changed, Some(&mut unchanged)), 0);
         assert_eq!((changed.len(), unchanged.len()), (2, 0));
         h.hold(key(2), value(1, 2 * S, 0));
         let (mut changed, mut unchanged) = (Vec::new(), Vec::new());
-        h.split(&mut changed, &mut unchanged);
+        assert_eq!(h.split(&mut changed, Some(&mut unchanged)), 1);
         assert_eq!(
             changed,
             [(key(2), {
@@ -263,6 +267,9 @@ mod tests {
             })]
         );
         assert_eq!(unchanged, [(key(1), value(4, S, 0))]);
+        // Without the unchanged ones, and nothing changed since.
+        assert_eq!(h.split(&mut changed, None), 2);
+        assert_eq!(changed.len(), 1);
         let mut out = Vec::new();
         h.end_due(0, Duration::ZERO, true, &mut out);
         assert_eq!(out.len(), 2, "a flush ends them all");

@@ -85,6 +85,9 @@ struct Digest {
     last_s: u32,
     /// The sweep cycle ([`Tracker::poll_part`]) in which it was last read.
     seen: u32,
+    /// Held by the agent through its linger: out of the table, and not
+    /// read again until it changes or ends, so never vanished.
+    held: bool,
 }
 
 impl Digest {
@@ -110,6 +113,7 @@ impl Digest {
             // Rounded up, so that the last packet is never later than it says.
             last_s: u32::try_from(last.div_ceil(1_000_000_000)).unwrap_or(u32::MAX),
             seen: 0,
+            held: false,
         }
     }
 
@@ -209,6 +213,27 @@ pub struct Tracker {
     /// Leave [`Poll::changed`] empty: only the per-poll output shows it, and
     /// copying and sorting every changed connection is a tenth of a poll.
     pub skip_changed: bool,
+    /// For the next poll: see [`Tracker::set_held`].
+    held: HeldPart,
+}
+
+/// Which connections of a poll the agent holds through their linger.
+#[derive(Clone, Copy, Debug)]
+struct HeldPart {
+    /// The live entries from this index on.
+    from: usize,
+    /// How many more it holds, unchanged since the previous poll (not in
+    /// the poll's lists at all).
+    quiet: usize,
+}
+
+impl Default for HeldPart {
+    fn default() -> Self {
+        Self {
+            from: usize::MAX,
+            quiet: 0,
+        }
+    }
 }
 
 impl Tracker {
@@ -248,8 +273,9 @@ impl Tracker {
         removed: u64,
     ) -> Poll {
         // The whole table was read: one poll is a whole sweep cycle.
+        let quiet = self.held.quiet;
         let mut u = self.update(live, ended, kept, true);
-        u.flows_active = live.len() + kept.len();
+        u.flows_active = live.len() + kept.len() + quiet;
         self.finish(u, totals, ifaces, time_unix_ms, removed)
     }
 
@@ -300,9 +326,11 @@ impl Tracker {
         let mut changed = Vec::new();
         let mut vanished = Vec::new();
         let mut flows_new = 0;
-        for (k, v) in live {
+        let held = std::mem::take(&mut self.held);
+        for (i, (k, v)) in live.iter().enumerate() {
             let now = Digest {
                 seen: self.cycle,
+                held: i >= held.from,
                 ..Digest::of(v)
             };
             let mut before = self.prev.insert(*k, now);
@@ -329,7 +357,7 @@ impl Tracker {
         if cycle_done {
             let cycle = self.cycle;
             self.prev.retain(|k, d| {
-                let stays = d.seen == cycle;
+                let stays = d.seen == cycle || d.held;
                 if !stays {
                     vanished.push((*k, d.value()));
                 }
@@ -345,6 +373,16 @@ impl Tracker {
             flows_new,
             flows_active: self.prev.len(),
         }
+    }
+
+    /// Tells the next poll that its live entries from `from` on are
+    /// connections the agent holds through their linger (taken out of the
+    /// table, or merged into, since the last poll), and that it holds
+    /// `quiet` more, unchanged, which the poll is not given: those are
+    /// remembered as they were, and counted as in the table, until they
+    /// end, without a lookup each poll.
+    pub fn set_held(&mut self, from: usize, quiet: usize) {
+        self.held = HeldPart { from, quiet };
     }
 
     /// How many connections the tracker remembers (those in the table, as
@@ -716,6 +754,33 @@ mod tests {
         // `b` is still remembered: its next poll counts only what is new.
         let p = tr.poll(&[b], &[], &[], totals(3), vec![], 2000, 1);
         assert_eq!((p.delta.packets, p.flows_new, p.vanished.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn held_connections_stay_until_they_end_without_being_listed() {
+        let mut tr = Tracker::default();
+        let (a, b) = (flow(40000, 3, 2), flow(40001, 4, 1));
+        // `b` is in the table; `a` was just taken and is held (last in the
+        // live list).
+        tr.set_held(1, 0);
+        let p = tr.poll(&[b, a], &[], &[], totals(2), vec![], 0, 1);
+        assert_eq!((p.delta.packets, p.flows_active), (10, 2));
+        // Unchanged and held, so not given: not vanished, still active.
+        tr.set_held(1, 1);
+        let p = tr.poll(&[b], &[], &[], totals(2), vec![], 1000, 1);
+        assert_eq!((p.vanished.len(), p.flows_active), (0, 2));
+        // A trailing packet merged into it: changed, and still held.
+        let mut more = a;
+        more.1.dir[DIR_B_TO_A].packets += 1;
+        tr.set_held(1, 0);
+        let p = tr.poll(&[b, more], &[], &[], totals(3), vec![], 2000, 2);
+        assert_eq!((p.delta.packets, p.flows_new, p.flows_active), (1, 0, 2));
+        tr.set_held(1, 1);
+        let p = tr.poll(&[b], &[], &[], totals(3), vec![], 3000, 2);
+        assert_eq!(p.vanished.len(), 0);
+        // Its linger over: reported with nothing new, and forgotten.
+        let p = tr.poll(&[b], &[more], &[], totals(3), vec![], 4000, 2);
+        assert_eq!((p.delta.packets, p.flows_active, tr.tracked()), (0, 1, 1));
     }
 
     #[test]

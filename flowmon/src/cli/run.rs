@@ -301,6 +301,7 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
     agent.keep = cfg.keep;
     agent.full_scan_limit = cfg.full_scan_limit;
     agent.list_changed(!cfg.quiet);
+    agent.export_held = cfg.sinks.ipfix.is_some();
     // A big table is swept in slices, round it every 30 s.
     agent.sweep_polls = (30.0 / cfg.interval.as_secs_f64()).ceil().max(1.0) as u32;
     agent.resume()?;
