@@ -21,10 +21,7 @@
 //! ([`crate::linger`]) and merges trailing packets into it, so it is read
 //! once rather than at every poll of the wait.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 use flowmon_common::{
     flow::{FlowKey, FlowValue},
@@ -37,6 +34,7 @@ use crate::{
     kernel::{Kernel, KernelError, Taken},
     linger::{Held, Route},
     model::Conn,
+    recent::Recent,
     record::{self, ConnRecord},
     summary::{Clock, Poll, Tracker},
 };
@@ -75,7 +73,7 @@ pub struct Agent {
     /// Entries removed in the current poll (added to the kernel's tally).
     removed: u64,
     /// Recently finished connections, newest last, for queries.
-    recent: VecDeque<ConnRecord>,
+    recent: Recent,
     /// How many finished connections `recent` keeps.
     pub keep: usize,
     /// Entries this poll meant to take but left (a new connection in place
@@ -136,7 +134,7 @@ impl Agent {
             timeouts,
             tracker: Tracker::default(),
             removed: 0,
-            recent: VecDeque::new(),
+            recent: Recent::default(),
             keep: 100_000,
             kept: Vec::new(),
             evicted_reported: 0,
@@ -402,16 +400,7 @@ impl Agent {
         // The live list's allocation serves the next whole read.
         live.clear();
         self.spare = live;
-        // Room for all of them at once (up to 2^18): growing by doubling
-        // copied every record again at each step (pages are only touched
-        // when written).
-        let room = self.keep.min(1 << 18);
-        if self.recent.capacity() < room {
-            self.recent.reserve_exact(room - self.recent.len());
-        }
-        self.recent.extend(closed);
-        let over = self.recent.len().saturating_sub(self.keep);
-        self.recent.drain(..over);
+        self.recent.push(closed, self.keep);
     }
 
     /// The recently finished connections, oldest first.
