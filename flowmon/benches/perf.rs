@@ -250,6 +250,10 @@ fn finished(t: u64) -> FlowValue {
     v
 }
 
+/// Connections closed before each poll, and polls per phase, in
+/// [`agent_per_connection`].
+const CLOSING: (u32, u32) = (5_000, 20);
+
 /// CPU time this thread has used.
 fn thread_cpu() -> Duration {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
@@ -257,13 +261,14 @@ fn thread_cpu() -> Duration {
 }
 
 /// The agent's CPU per finished connection, as `flowmon run --quiet` spends
-/// it: each poll (1 s apart on a clock of its own) finds `per_poll`
-/// connections that closed since the last one, takes them, holds them
+/// it: each poll (1 s apart on a clock of its own) finds the connections
+/// that closed since the last one ([`CLOSING`]), takes them, holds them
 /// through the linger, reports them, and hands the result to the exporters
-/// and the list of recent connections. `polls` polls from a fresh agent
+/// and the list of recent connections. A phase of polls from a fresh agent
 /// (its tables and buffers growing, their pages first touched), then as
 /// many again, measured apart (steady state).
-fn agent_per_connection(per_poll: u32, polls: u32) -> (f64, f64) {
+fn agent_per_connection() -> (f64, f64) {
+    let (per_poll, polls) = CLOSING;
     flowmon::agent::keep_freed_memory();
     let k = Kernel::load(LoadOptions::default()).expect("load (run as root)");
     let mut agent = Agent::new(k, Timeouts::default());
@@ -371,8 +376,8 @@ fn agent_cost_and_memory(sizes: &[u32]) {
         ));
         drop(agent);
     }
-    let (per_poll, polls) = (5_000, 20);
-    let (cold, steady) = agent_per_connection(per_poll, polls);
+    let (per_poll, polls) = CLOSING;
+    let (cold, steady) = agent_per_connection();
     println!(
         "\nFinished connections, {per_poll} a poll (closed by FIN both ways, held through the linger, reported, handed to the exporters), agent CPU per connection: **{steady:.2} µs** in steady state, {cold:.2} µs over a fresh agent's first {polls} polls.\n"
     );
@@ -442,7 +447,7 @@ fn main() {
     );
     // One section alone, for profiling it.
     if args.iter().any(|a| a == "--closing-only") {
-        let (cold, steady) = agent_per_connection(5_000, 20);
+        let (cold, steady) = agent_per_connection();
         println!("agent CPU per finished connection: {steady:.2} µs steady, {cold:.2} µs cold");
         return;
     }

@@ -467,6 +467,7 @@ fn counted(
     server_port: u16,
 ) -> (u64, Option<(u64, u64, u64)>) {
     let sock = r.dir.join("api.sock").to_string_lossy().into_owned();
+    let (server, port) = (server.to_string(), server_port.to_string());
     match m {
         Monitor::None | Monitor::XdpHook => (0, None),
         Monitor::Flowmon | Monitor::FlowmonGeneric | Monitor::FlowmonTc => {
@@ -478,7 +479,7 @@ fn counted(
             let (mut syn, mut fin, mut rst) = (0, 0, 0);
             for line in String::from_utf8_lossy(&flows.stdout).lines() {
                 let r: serde_json::Value = serde_json::from_str(line).unwrap();
-                if r["server.ip"].as_str() != Some(server.to_string().as_str())
+                if r["server.ip"].as_str() != Some(server.as_str())
                     || r["server.port"].as_u64() != Some(u64::from(server_port))
                 {
                     continue;
@@ -521,8 +522,7 @@ fn counted(
                 if f.len() < 8 || f[5] != "tcp" {
                     continue;
                 }
-                let port = server_port.to_string();
-                let ours = [f[0], f[1]].contains(&server.to_string().as_str())
+                let ours = [f[0], f[1]].contains(&server.as_str())
                     && [f[2], f[3]].contains(&port.as_str());
                 if !ours {
                     continue;
