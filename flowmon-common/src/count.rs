@@ -19,8 +19,9 @@ pub const TCP_ACK: u8 = 0x10;
 /// Whether `seg` opens a new connection on a tuple whose entry holds one
 /// that has ended: a SYN without ACK after any FIN or RST. A retransmitted SYN
 /// of a connection that has not ended stays in it, and so does a SYN-ACK.
-/// The kernel then retires the old entry and starts a fresh one; the offline
-/// path does the same, so both report the same lifetimes.
+/// The kernel then retires the old entry and starts a fresh one, timed after
+/// the old one's latest packet; the offline path does the same, so both
+/// report the same lifetimes.
 #[inline(always)]
 pub fn starts_new_connection(v: &FlowValue, seg: &TcpSegment) -> bool {
     let syn_only = seg.flags as u8 & (TCP_SYN | TCP_ACK) == TCP_SYN;

@@ -527,7 +527,23 @@ fn retire(at: &Place, old: *mut FlowValue, seg: &TcpSegment) -> bool {
     slot.submit(0);
     if let Some(zero) = ZERO.get(0) {
         // Safety: `old` is valid during this run, the locks held.
-        unsafe { copy_value(zero, old) };
+        unsafe {
+            let latest = last_active(&*old);
+            copy_value(zero, old);
+            // The opening side starts from the old connection's latest time,
+            // so the new one's events are timed after all of the old one's
+            // (`Clock::event` keeps after it). With a coarse clock, two short
+            // connections within one tick would otherwise get the same
+            // first times, which is how the agent's take tells them apart:
+            // it could take the new one for the old one it read, and report
+            // the two out of order.
+            let d = if seg.dir == 0 {
+                &raw mut (*old).dir[0]
+            } else {
+                &raw mut (*old).dir[1]
+            };
+            (*d).last_ns = latest;
+        }
     }
     at.unlock();
     true

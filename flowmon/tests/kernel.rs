@@ -589,6 +589,49 @@ fn a_new_syn_between_read_and_take_stays() {
     assert!(agent.kernel.flows().unwrap().is_empty());
 }
 
+/// The same race on the kernel's own clock, the two connections within one
+/// tick of it (4 ms at HZ=250; the whole test takes microseconds): the new
+/// connection's times follow the old one's, so the take still tells them
+/// apart, and the two are reported in the order they happened.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_tuple_reused_within_one_clock_tick_is_told_apart() {
+    use flowmon::{agent::Agent, close::Timeouts, model::Conn};
+    let k = load();
+    let (c, s) = (ip("10.3.0.2"), ip("10.3.0.1"));
+    let open = |k: &Kernel| {
+        xdp(k, &Frame::tcp(c, 4001, s, 80, TCP_SYN).build());
+        xdp(k, &Frame::tcp(s, 80, c, 4001, TCP_SYN | TCP_ACK).build());
+    };
+    open(&k);
+    xdp(&k, &Frame::tcp(c, 4001, s, 80, TCP_RST).build());
+    let (key, seen) = only_flow(&k);
+    // The new connection gets as far as the old one had before its RST:
+    // the same counts of SYN and SYN-ACK, each side's first packet.
+    open(&k);
+    let mut agent = Agent::new(k, Timeouts::default());
+    assert_eq!(agent.take_finished(&key, &seen).unwrap(), None);
+    let retired = agent.kernel.drain_retired().unwrap();
+    assert_eq!(retired.len(), 1);
+    let (old, new) = (
+        Conn::new(key, retired[0].1),
+        Conn::new(key, only_flow(&agent.kernel).1),
+    );
+    assert_eq!(
+        (
+            old.clt().rst,
+            old.srv().synack,
+            new.clt().syn,
+            new.srv().synack
+        ),
+        (1, 1, 1, 1)
+    );
+    assert!(
+        old.last_ns() < new.first_ns(),
+        "the new connection starts after the old one ends: {old:?} {new:?}"
+    );
+}
+
 /// More finished connections than one run of the take program handles
 /// (512): all are reported once, with their exact counts, and removed.
 #[test]
