@@ -131,9 +131,17 @@ impl Intervals {
             self.opened += n;
             self.iface(iface).0 += n;
         }
+        // A poll's connections nearly all share one interface: its row is
+        // found once per run of them, not hashed for each.
+        let mut rest = closed;
+        while let Some(first) = rest.first() {
+            let n = rest.iter().take_while(|r| r.iface == first.iface).count();
+            let row = &mut self.iface(&first.iface).1;
+            rest[..n].iter().for_each(|r| row.add(r));
+            rest = &rest[n..];
+        }
         for r in closed {
             self.global.add(r);
-            self.iface(&r.iface).1.add(r);
             let (server, port) = r.conn.server();
             if let Some(m) = bounded(&mut self.servers, server) {
                 m.add(r);

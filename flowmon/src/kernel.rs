@@ -770,9 +770,23 @@ impl Kernel {
     /// times differ from the ones read is a later connection, and one that
     /// counted a SYN since may have become one: both stay.
     pub fn take_flows(&self, seen: &[(FlowKey, FlowValue)]) -> Result<Vec<Taken>, KernelError> {
+        let mut out = Vec::with_capacity(seen.len());
+        self.take_flows_into(seen, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Kernel::take_flows`] into `out` (cleared first): a buffer the
+    /// caller keeps from one poll to the next, where a new one each poll
+    /// had its pages faulted in again.
+    pub fn take_flows_into(
+        &self,
+        seen: &[(FlowKey, FlowValue)],
+        out: &mut Vec<Taken>,
+    ) -> Result<(), KernelError> {
         let prog: &SchedClassifier = self.program(TAKE_PROGRAM);
         let mut mapped = self.take.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::with_capacity(seen.len());
+        out.clear();
+        out.reserve(seen.len());
         for chunk in seen.chunks(TAKE_BATCH) {
             let batch = mapped.get_mut();
             batch.next = 0;
@@ -819,7 +833,7 @@ impl Kernel {
                 }
             }));
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The poll epoch the programs mark changed connections with (0:

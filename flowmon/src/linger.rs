@@ -32,16 +32,26 @@ pub enum Route {
     Successor,
 }
 
-/// The held connections, by key, each with whether it was added or merged
-/// into since the last [`Held::split`]. The values live in a slab, the map
-/// holds indices: connections come and go every poll, and the map's
-/// periodic rehash (clearing the tombstones of removed keys) moved whole
-/// 256-byte entries.
+/// The held connections, by key. The values live in a slab, the map holds
+/// indices: connections come and go every poll, and the map's periodic
+/// rehash (clearing the tombstones of removed keys) moved whole 256-byte
+/// entries. What each poll's passes test (when the connection was last
+/// active, whether it was added or merged into since the last
+/// [`Held::split`]) is kept beside the index, so a pass walks the map's own
+/// memory in order and reaches into the slab only for the connections it
+/// moves.
 #[derive(Default)]
 pub struct Held {
-    index: FxHashMap<FlowKey, u32>,
-    slab: Vec<(FlowValue, bool)>,
+    index: FxHashMap<FlowKey, Slot>,
+    slab: Vec<FlowValue>,
     free: Vec<u32>,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    at: u32,
+    touched: bool,
+    last: u64,
 }
 
 impl Held {
@@ -71,32 +81,38 @@ impl Held {
     /// Holds a connection just taken out of the table.
     pub fn hold(&mut self, key: FlowKey, value: FlowValue) {
         match self.index.entry(key) {
-            Entry::Occupied(e) => {
-                let (v, touched) = &mut self.slab[*e.get() as usize];
+            Entry::Occupied(mut e) => {
+                let s = e.get_mut();
+                let v = &mut self.slab[s.at as usize];
                 v.merge(&value);
-                *touched = true;
+                s.last = last_active(v);
+                s.touched = true;
             }
             Entry::Vacant(e) => {
-                let i = match self.free.pop() {
+                let at = match self.free.pop() {
                     Some(i) => {
-                        self.slab[i as usize] = (value, true);
+                        self.slab[i as usize] = value;
                         i
                     }
                     None => {
-                        self.slab.push((value, true));
+                        self.slab.push(value);
                         (self.slab.len() - 1) as u32
                     }
                 };
-                e.insert(i);
+                e.insert(Slot {
+                    at,
+                    touched: true,
+                    last: last_active(&value),
+                });
             }
         }
     }
 
     /// Ends the held connection on `key`, if any, and returns it.
     pub fn end(&mut self, key: &FlowKey) -> Option<(FlowKey, FlowValue)> {
-        let (k, i) = self.index.remove_entry(key)?;
-        self.free.push(i);
-        Some((k, self.slab[i as usize].0))
+        let (k, s) = self.index.remove_entry(key)?;
+        self.free.push(s.at);
+        Some((k, self.slab[s.at as usize]))
     }
 
     /// Moves to `out` the connections silent for `linger` as of `now_ns`
@@ -110,12 +126,11 @@ impl Held {
     ) {
         let linger = linger.as_nanos() as u64;
         let (slab, free) = (&self.slab, &mut self.free);
-        self.index.retain(|k, i| {
-            let v = &slab[*i as usize].0;
-            let due = flush || now_ns.saturating_sub(last_active(v)) >= linger;
+        self.index.retain(|k, s| {
+            let due = flush || now_ns.saturating_sub(s.last) >= linger;
             if due {
-                out.push((*k, *v));
-                free.push(*i);
+                out.push((*k, slab[s.at as usize]));
+                free.push(s.at);
             }
             !due
         });
@@ -130,14 +145,13 @@ impl Held {
         mut unchanged: Option<&mut Vec<(FlowKey, FlowValue)>>,
     ) -> usize {
         let mut quiet = 0;
-        for (k, i) in &self.index {
-            let (v, touched) = &mut self.slab[*i as usize];
-            if std::mem::take(touched) {
-                changed.push((*k, *v));
+        for (k, s) in &mut self.index {
+            if std::mem::take(&mut s.touched) {
+                changed.push((*k, self.slab[s.at as usize]));
             } else {
                 quiet += 1;
                 if let Some(u) = unchanged.as_deref_mut() {
-                    u.push((*k, *v));
+                    u.push((*k, self.slab[s.at as usize]));
                 }
             }
         }
@@ -150,7 +164,7 @@ impl Held {
         let mut held: FxHashMap<FlowKey, FlowValue> = self
             .index
             .iter()
-            .map(|(k, i)| (*k, self.slab[*i as usize].0))
+            .map(|(k, s)| (*k, self.slab[s.at as usize]))
             .collect();
         table.retain(|(k, v)| match self.route(k, v) {
             Route::Trailing => {

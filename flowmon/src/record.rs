@@ -4,6 +4,7 @@
 
 use std::{collections::HashMap, fmt::Write as _, net::IpAddr};
 
+use flowmon_common::flow::{FlowKey, FlowValue};
 use serde_json::{Map, Value, json};
 
 use crate::{
@@ -18,8 +19,6 @@ pub struct ConnRecord {
     pub iface: String,
     pub close: Close,
     pub closed_by: ClosedBy,
-    pub conn_state: &'static str,
-    pub history: String,
     /// Unix seconds of the first and last packet.
     pub first_seen: f64,
     pub last_seen: f64,
@@ -30,17 +29,28 @@ impl ConnRecord {
     /// turns that clock into Unix time (0 for capture timestamps).
     pub fn new(conn: Conn, iface: String, now_ns: u64, t: &Timeouts, offset_ns: i128) -> Self {
         let (close, closed_by) = conn.classify(now_ns, t);
-        let unix = |ns: u64| (i128::from(ns) + offset_ns) as f64 / 1e9;
         Self {
-            first_seen: unix(conn.first_ns()),
-            last_seen: unix(conn.last_ns()),
-            conn_state: conn.conn_state(),
-            history: conn.history(),
+            first_seen: unix_secs(conn.first_ns(), offset_ns),
+            last_seen: unix_secs(conn.last_ns(), offset_ns),
             conn,
             iface,
             close,
             closed_by,
         }
+    }
+
+    /// Zeek's state of the connection. It and [`ConnRecord::history`] are
+    /// derived from the counts when asked, not stored: a record is made
+    /// for every connection, most are never shown, and the history's
+    /// string was an allocation each (a twentieth of a busy poll, and 40
+    /// bytes more per remembered record).
+    pub fn conn_state(&self) -> &'static str {
+        self.conn.conn_state()
+    }
+
+    /// Zeek's history of the connection.
+    pub fn history(&self) -> String {
+        self.conn.history()
     }
 
     /// The record of a connection the kernel evicted: the class says so,
@@ -61,8 +71,6 @@ impl ConnRecord {
         last_seen: f64,
     ) -> Self {
         Self {
-            conn_state: conn.conn_state(),
-            history: conn.history(),
             conn,
             iface,
             close,
@@ -116,8 +124,8 @@ impl ConnRecord {
         put("close", json!(self.close.as_str()));
         put("closed_by", json!(self.closed_by.as_str()));
         put("direction_guessed", json!(c.direction_guessed));
-        put("conn_state", json!(self.conn_state));
-        put("history", json!(self.history));
+        put("conn_state", json!(self.conn_state()));
+        put("history", json!(self.history()));
         Value::Object(m)
     }
 }
@@ -180,8 +188,8 @@ pub fn table(records: &[ConnRecord]) -> String {
                 c.ct_count().to_string(),
                 r.close.as_str().to_string(),
                 r.closed_by.as_str().to_string(),
-                r.conn_state.to_string(),
-                r.history.clone(),
+                r.conn_state().to_string(),
+                r.history(),
             ]
         })
         .collect();
@@ -205,53 +213,132 @@ pub fn table(records: &[ConnRecord]) -> String {
 }
 
 /// Sorts records the way every report lists them: by first packet, then key.
-/// Sorted through their keys, then moved once: a record is 340 bytes, and
-/// a merge sort moved each one many times (a tenth of a live poll).
 pub fn sort(records: &mut [ConnRecord]) {
-    // f64::total_cmp's order, as an integer.
-    let total = |x: f64| {
-        let b = x.to_bits() as i64;
-        b ^ (((b >> 63) as u64) >> 1) as i64
+    let mut keys: Vec<SortKey> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| sort_key(r.first_seen, &r.conn.key, i))
+        .collect();
+    keys.sort_unstable();
+    // Each record moved once, to where its key went (the cycle-following
+    // of `sort_by_cached_key`): a record is 340 bytes.
+    for i in 0..keys.len() {
+        let mut from = keys[i].5 as usize;
+        while from < i {
+            from = keys[from].5 as usize;
+        }
+        keys[i].5 = from as u32;
+        records.swap(i, from);
+    }
+}
+
+/// A record's place in report order, in integers: its first packet (in
+/// `f64::total_cmp`'s order), then its key field by field as `FlowKey`'s
+/// derived `Ord` compares them (addresses as big-endian numbers), then its
+/// position. Comparing these was a third of the cost of comparing the
+/// record's own fields, and whole connections come and go by the thousand
+/// a poll.
+type SortKey = (i64, u128, u128, u64, u32, u32);
+
+fn sort_key(first_seen: f64, k: &FlowKey, position: usize) -> SortKey {
+    let b = first_seen.to_bits() as i64;
+    (
+        b ^ (((b >> 63) as u64) >> 1) as i64,
+        u128::from_be_bytes(k.addr_a),
+        u128::from_be_bytes(k.addr_b),
+        u64::from(k.port_a) << 48 | u64::from(k.port_b) << 32 | u64::from(k.ifindex),
+        u32::from(k.vlan) << 16 | u32::from(k.family) << 8 | u32::from(k._pad),
+        position as u32,
+    )
+}
+
+/// Appends the records of `lists` to `records` in report order ([`sort`]'s),
+/// marking those of `lists[evicted..]` evicted. The order is found on the
+/// keys first and each record built in its place, rather than built and
+/// then moved.
+pub fn extend_sorted(
+    records: &mut Vec<ConnRecord>,
+    lists: &[&[(FlowKey, FlowValue)]],
+    evicted: usize,
+    names: &HashMap<u32, String>,
+    now_ns: u64,
+    t: &Timeouts,
+    offset_ns: i128,
+) {
+    let all = || {
+        lists
+            .iter()
+            .enumerate()
+            .flat_map(|(l, f)| f.iter().map(move |e| (l, e)))
     };
-    records.sort_by_cached_key(|r| (total(r.first_seen), r.conn.key));
+    let mut keys: Vec<SortKey> = all()
+        .enumerate()
+        .map(|(i, (_, (k, v)))| {
+            let first = Conn::new(*k, *v).first_ns();
+            sort_key(unix_secs(first, offset_ns), k, i)
+        })
+        .collect();
+    keys.sort_unstable();
+    let flat: Vec<(usize, &(FlowKey, FlowValue))> = all().collect();
+    records.reserve(flat.len());
+    for key in &keys {
+        let (l, &(k, v)) = flat[key.5 as usize];
+        let mut r = ConnRecord::new(
+            Conn::new(k, v),
+            iface_name(names, k.ifindex),
+            now_ns,
+            t,
+            offset_ns,
+        );
+        if l >= evicted {
+            r.mark_evicted();
+        }
+        records.push(r);
+    }
+}
+
+/// Seconds since the Unix epoch of `ns` on a clock `offset_ns` behind it.
+fn unix_secs(ns: u64, offset_ns: i128) -> f64 {
+    (i128::from(ns) + offset_ns) as f64 / 1e9
+}
+
+fn iface_name(names: &HashMap<u32, String>, ifindex: u32) -> String {
+    names
+        .get(&ifindex)
+        .cloned()
+        .unwrap_or_else(|| ifindex.to_string())
 }
 
 /// Builds records for `flows` with interface names from `names`, sorted.
 pub fn build(
-    flows: Vec<(
-        flowmon_common::flow::FlowKey,
-        flowmon_common::flow::FlowValue,
-    )>,
+    flows: Vec<(FlowKey, FlowValue)>,
     names: &HashMap<u32, String>,
     now_ns: u64,
     t: &Timeouts,
     offset_ns: i128,
 ) -> Vec<ConnRecord> {
-    let mut records = Vec::with_capacity(flows.len());
-    extend(&mut records, &flows, names, now_ns, t, offset_ns);
-    sort(&mut records);
+    let mut records = Vec::new();
+    extend_sorted(&mut records, &[&flows], 1, names, now_ns, t, offset_ns);
     records
 }
 
-/// Appends the records of `flows` to `records`, unsorted (for a caller
-/// that adds more before its one [`sort`]).
+/// Appends the records of `flows` to `records`, unsorted.
 pub fn extend(
     records: &mut Vec<ConnRecord>,
-    flows: &[(
-        flowmon_common::flow::FlowKey,
-        flowmon_common::flow::FlowValue,
-    )],
+    flows: &[(FlowKey, FlowValue)],
     names: &HashMap<u32, String>,
     now_ns: u64,
     t: &Timeouts,
     offset_ns: i128,
 ) {
     records.extend(flows.iter().map(|&(k, v)| {
-        let iface = names
-            .get(&k.ifindex)
-            .cloned()
-            .unwrap_or_else(|| k.ifindex.to_string());
-        ConnRecord::new(Conn::new(k, v), iface, now_ns, t, offset_ns)
+        ConnRecord::new(
+            Conn::new(k, v),
+            iface_name(names, k.ifindex),
+            now_ns,
+            t,
+            offset_ns,
+        )
     }));
 }
 
@@ -259,6 +346,55 @@ pub fn extend(
 mod tests {
     use super::*;
     use flowmon_common::flow::{FlowKey, FlowValue};
+
+    /// Ties on the first packet (connections within one tick of the
+    /// kernel's coarse clock) and on the key too (a reused tuple), across
+    /// the two lists a poll reports.
+    #[test]
+    fn extend_sorted_orders_as_sort_does_and_marks_the_evicted() {
+        let flow = |port: u16, first: u64, packets: u64| {
+            let key = FlowKey {
+                port_a: port,
+                ..FlowKey::default()
+            };
+            let mut v = FlowValue::default();
+            v.dir[0].first_ns = first;
+            v.dir[0].last_ns = first;
+            v.dir[0].packets = packets;
+            (key, v)
+        };
+        let ended = [flow(9, 5, 1), flow(3, 5, 2), flow(9, 5, 3), flow(1, 7, 4)];
+        let vanished = [flow(2, 5, 5), flow(9, 4, 6), flow(3, 5, 7)];
+        let (names, t) = (
+            HashMap::from([(0, "veth0".to_string())]),
+            Timeouts::default(),
+        );
+        let mut got = Vec::new();
+        extend_sorted(&mut got, &[&ended, &vanished], 1, &names, 10, &t, 1_000);
+        let mut want = Vec::new();
+        extend(&mut want, &ended, &names, 10, &t, 1_000);
+        extend(&mut want, &vanished, &names, 10, &t, 1_000);
+        want[ended.len()..]
+            .iter_mut()
+            .for_each(ConnRecord::mark_evicted);
+        sort(&mut want);
+        assert_eq!(got, want);
+        assert_eq!(
+            got.iter()
+                .map(|r| (r.conn.key.port_a, r.conn.value.dir[0].packets, r.close))
+                .collect::<Vec<_>>(),
+            [
+                (9, 6, Close::Evicted),
+                (2, 5, Close::Evicted),
+                (3, 2, want[2].close),
+                (3, 7, Close::Evicted),
+                (9, 1, want[4].close),
+                (9, 3, want[5].close),
+                (1, 4, want[6].close),
+            ]
+        );
+        assert!(got[..].iter().all(|r| r.iface == "veth0"));
+    }
 
     #[test]
     fn sort_orders_by_first_seen_then_key() {

@@ -178,7 +178,7 @@ fn conn_state_and_history_equal_zeeks() {
             assert_eq!((rows.len(), a.records.len()), (1, 1), "{stem}");
             let r = &a.records[0];
             assert_eq!(
-                (r.conn_state, r.history.as_str()),
+                (r.conn_state(), r.history().as_str()),
                 (rows[0]["conn_state"].as_str(), rows[0]["history"].as_str()),
                 "{stem}"
             );
@@ -214,7 +214,7 @@ fn conn_state_and_history_equal_zeeks() {
                 );
                 assert_eq!(ours.len(), 1, "{stem} {pair:?}");
                 assert_eq!(
-                    (ours[0].conn_state, ours[0].history.as_str()),
+                    (ours[0].conn_state(), ours[0].history().as_str()),
                     (state, history),
                     "{stem} {pair:?}"
                 );
@@ -251,7 +251,11 @@ fn conn_state_and_history_equal_zeeks() {
                     ),
                     "{stem}: originator"
                 );
-                assert_eq!(r.conn_state, z["conn_state"], "{stem} {pair:?}: conn_state");
+                assert_eq!(
+                    r.conn_state(),
+                    z["conn_state"],
+                    "{stem} {pair:?}: conn_state"
+                );
                 if let Some(counts) = zeek_counts(z) {
                     assert_eq!(
                         our_counts(r),
@@ -260,7 +264,7 @@ fn conn_state_and_history_equal_zeeks() {
                     );
                 }
                 assert_eq!(
-                    r.history,
+                    r.history(),
                     comparable_history(&z["history"]),
                     "{stem} {pair:?}: history"
                 );

@@ -322,7 +322,7 @@ fn timeouts_report_and_expire_connections() {
                 r.conn.server().1,
                 r.close.as_str(),
                 r.closed_by.as_str(),
-                r.conn_state,
+                r.conn_state(),
             )
         })
         .collect();
