@@ -107,8 +107,6 @@ pub struct Agent {
     /// through [`Agent::remember`]), the held connections unchanged.
     spare: Vec<(FlowKey, FlowValue)>,
     unchanged: Vec<(FlowKey, FlowValue)>,
-    /// What the take found, kept between polls like the buffers above.
-    taken: Vec<Taken>,
     /// The connections a poll reports, kept for the next: grown once, not
     /// by doubling in every poll.
     ended: Vec<(FlowKey, FlowValue)>,
@@ -151,7 +149,6 @@ impl Agent {
             held: Held::default(),
             spare: Vec::new(),
             unchanged: Vec::new(),
-            taken: Vec::new(),
             ended: Vec::new(),
             export_held: true,
         }
@@ -446,32 +443,30 @@ impl Agent {
         hold: &[bool],
         ended: &mut Vec<(FlowKey, FlowValue)>,
     ) -> Result<(), KernelError> {
-        let mut taken = std::mem::take(&mut self.taken);
-        self.kernel.take_flows_into(seen, &mut taken)?;
-        for (i, (&(key, _), t)) in seen.iter().zip(taken.drain(..)).enumerate() {
+        let (held, kept, removed) = (&mut self.held, &mut self.kept, &mut self.removed);
+        self.kernel.take_flows_each(seen, |i, t| {
+            let key = seen[i].0;
             let value = match t {
                 Taken::Removed(v) => {
-                    self.removed += 1;
+                    *removed += 1;
                     v
                 }
                 // Still in the table, but not in this poll's live list (a
                 // trailing entry's key is accounted as the held one's).
                 Taken::Replaced => {
-                    if !self.held.contains(&key) {
-                        self.kept.push(key);
+                    if !held.contains(&key) {
+                        kept.push(key);
                     }
-                    continue;
+                    return;
                 }
-                Taken::Absent => continue,
+                Taken::Absent => return,
             };
             if hold.get(i) == Some(&true) {
-                self.held.hold(key, value);
+                held.hold(key, value);
             } else {
                 ended.push((key, value));
             }
-        }
-        self.taken = taken;
-        Ok(())
+        })
     }
 
     /// What queries see: the recently finished connections, then every

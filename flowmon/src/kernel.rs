@@ -250,7 +250,7 @@ pub type Slice = (Vec<(FlowKey, FlowValue)>, Option<u64>);
 /// What [`Kernel::take_flows`] found under one key.
 #[expect(
     clippy::large_enum_variant,
-    reason = "taken 512 at a time into one Vec: a Box each would be an allocation per connection"
+    reason = "handed over by value from the take's batch: a Box each would be an allocation per connection"
 )]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Taken {
@@ -771,22 +771,22 @@ impl Kernel {
     /// counted a SYN since may have become one: both stay.
     pub fn take_flows(&self, seen: &[(FlowKey, FlowValue)]) -> Result<Vec<Taken>, KernelError> {
         let mut out = Vec::with_capacity(seen.len());
-        self.take_flows_into(seen, &mut out)?;
+        self.take_flows_each(seen, |_, t| out.push(t))?;
         Ok(out)
     }
 
-    /// [`Kernel::take_flows`] into `out` (cleared first): a buffer the
-    /// caller keeps from one poll to the next, where a new one each poll
-    /// had its pages faulted in again.
-    pub fn take_flows_into(
+    /// [`Kernel::take_flows`], handing `each` what was found for each entry
+    /// of `seen` (its index, in order) straight from the batch: a list of
+    /// them was written and read back for every connection, and a new one
+    /// each poll had its pages faulted in again.
+    pub fn take_flows_each(
         &self,
         seen: &[(FlowKey, FlowValue)],
-        out: &mut Vec<Taken>,
+        mut each: impl FnMut(usize, Taken),
     ) -> Result<(), KernelError> {
         let prog: &SchedClassifier = self.program(TAKE_PROGRAM);
         let mut mapped = self.take.lock().unwrap_or_else(|e| e.into_inner());
-        out.clear();
-        out.reserve(seen.len());
+        let mut index = 0;
         for chunk in seen.chunks(TAKE_BATCH) {
             let batch = mapped.get_mut();
             batch.next = 0;
@@ -824,14 +824,20 @@ impl Kernel {
                 }
             }
             let batch = mapped.get_mut();
-            out.extend(batch.slots[..chunk.len()].iter().map(|s| match s.status {
-                TAKE_REMOVED => Taken::Removed(s.value),
-                TAKE_REPLACED => Taken::Replaced,
-                st => {
-                    debug_assert!(st == TAKE_ABSENT, "take status {st}");
-                    Taken::Absent
-                }
-            }));
+            for s in &batch.slots[..chunk.len()] {
+                each(
+                    index,
+                    match s.status {
+                        TAKE_REMOVED => Taken::Removed(s.value),
+                        TAKE_REPLACED => Taken::Replaced,
+                        st => {
+                            debug_assert!(st == TAKE_ABSENT, "take status {st}");
+                            Taken::Absent
+                        }
+                    },
+                );
+                index += 1;
+            }
         }
         Ok(())
     }
