@@ -150,7 +150,7 @@ impl ClosedBy {
 }
 
 /// The earliest non-zero time among `ts`, 0 when none.
-fn earliest(ts: &[u64]) -> u64 {
+pub fn earliest(ts: &[u64]) -> u64 {
     ts.iter().copied().filter(|&t| t != 0).min().unwrap_or(0)
 }
 

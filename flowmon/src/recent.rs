@@ -2,9 +2,10 @@
 //! `keep` of them, oldest first.
 //!
 //! Each poll's records stay in the list the poll built them in (a chunk),
-//! rather than each being copied into one ring: a record is 340 bytes, and
-//! writing every one of them again into a ring of 100,000, whose lines are
-//! long out of the cache, was a tenth of the agent's work per connection.
+//! rather than each being copied into one ring: a record is about 300
+//! bytes, and writing every one of them again into a ring of 100,000,
+//! whose lines are long out of the cache, was a tenth of the agent's work
+//! per connection.
 //! The oldest chunk is dropped whole once none of it is kept; until then,
 //! the records of it that are no longer kept are skipped, so the memory
 //! held is at most `keep` records and one poll's.
