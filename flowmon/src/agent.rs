@@ -285,8 +285,8 @@ impl Agent {
         let mut closed = Vec::new();
         record::extend_sorted(
             &mut closed,
-            &[&ended, &poll.vanished],
-            1,
+            &ended,
+            &poll.vanished,
             names,
             now_ns,
             &self.timeouts,

@@ -212,26 +212,6 @@ pub fn table(records: &[ConnRecord]) -> String {
     out
 }
 
-/// Sorts records the way every report lists them: by first packet, then key.
-pub fn sort(records: &mut [ConnRecord]) {
-    let mut keys: Vec<SortKey> = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| sort_key(r.first_seen, &r.conn.key, i))
-        .collect();
-    keys.sort_unstable();
-    // Each record moved once, to where its key went (the cycle-following
-    // of `sort_by_cached_key`): a record is about 300 bytes.
-    for i in 0..keys.len() {
-        let mut from = keys[i].5 as usize;
-        while from < i {
-            from = keys[from].5 as usize;
-        }
-        keys[i].5 = from as u32;
-        records.swap(i, from);
-    }
-}
-
 /// A record's place in report order, in integers: its first packet (in
 /// `f64::total_cmp`'s order), then its key field by field as `FlowKey`'s
 /// derived `Ord` compares them (addresses as big-endian numbers), then its
@@ -252,45 +232,42 @@ fn sort_key(first_seen: f64, k: &FlowKey, position: usize) -> SortKey {
     )
 }
 
-/// Appends the records of `lists` to `records` in report order ([`sort`]'s),
-/// marking those of `lists[evicted..]` evicted. The order is found on the
-/// keys first and each record built in its place, rather than built and
-/// then moved.
+/// Appends the records of `ended`, then of `evicted` (marked so), to
+/// `records` in the order every report lists them: by first packet, then
+/// key, then position. The order is found on the keys first and each
+/// record built in its place: records built, then sorted, were moved
+/// about (300 bytes each) and compared field by field.
 pub fn extend_sorted(
     records: &mut Vec<ConnRecord>,
-    lists: &[&[(FlowKey, FlowValue)]],
-    evicted: usize,
+    ended: &[(FlowKey, FlowValue)],
+    evicted: &[(FlowKey, FlowValue)],
     names: &HashMap<u32, String>,
     now_ns: u64,
     t: &Timeouts,
     offset_ns: i128,
 ) {
-    let all = || {
-        lists
-            .iter()
-            .enumerate()
-            .flat_map(|(l, f)| f.iter().map(move |e| (l, e)))
-    };
-    let mut keys: Vec<SortKey> = all()
+    let mut keys: Vec<SortKey> = ended
+        .iter()
+        .chain(evicted)
         .enumerate()
-        .map(|(i, (_, (k, v)))| {
+        .map(|(i, (k, v))| {
             let first = earliest(&[v.dir[0].first_ns, v.dir[1].first_ns]);
             sort_key(unix_secs(first, offset_ns), k, i)
         })
         .collect();
     keys.sort_unstable();
-    let flat: Vec<(usize, &(FlowKey, FlowValue))> = all().collect();
-    records.reserve(flat.len());
+    records.reserve(keys.len());
     for key in &keys {
-        let (l, &(k, v)) = flat[key.5 as usize];
+        let i = key.5 as usize;
+        let (k, v) = ended.get(i).unwrap_or_else(|| &evicted[i - ended.len()]);
         let mut r = ConnRecord::new(
-            Conn::new(k, v),
+            Conn::new(*k, *v),
             iface_name(names, k.ifindex),
             now_ns,
             t,
             offset_ns,
         );
-        if l >= evicted {
+        if i >= ended.len() {
             r.mark_evicted();
         }
         records.push(r);
@@ -318,28 +295,8 @@ pub fn build(
     offset_ns: i128,
 ) -> Vec<ConnRecord> {
     let mut records = Vec::new();
-    extend_sorted(&mut records, &[&flows], 1, names, now_ns, t, offset_ns);
+    extend_sorted(&mut records, &flows, &[], names, now_ns, t, offset_ns);
     records
-}
-
-/// Appends the records of `flows` to `records`, unsorted.
-pub fn extend(
-    records: &mut Vec<ConnRecord>,
-    flows: &[(FlowKey, FlowValue)],
-    names: &HashMap<u32, String>,
-    now_ns: u64,
-    t: &Timeouts,
-    offset_ns: i128,
-) {
-    records.extend(flows.iter().map(|&(k, v)| {
-        ConnRecord::new(
-            Conn::new(k, v),
-            iface_name(names, k.ifindex),
-            now_ns,
-            t,
-            offset_ns,
-        )
-    }));
 }
 
 #[cfg(test)]
@@ -351,7 +308,7 @@ mod tests {
     /// kernel's coarse clock) and on the key too (a reused tuple), across
     /// the two lists a poll reports.
     #[test]
-    fn extend_sorted_orders_as_sort_does_and_marks_the_evicted() {
+    fn extend_sorted_orders_and_marks_the_evicted() {
         let flow = |port: u16, first: u64, packets: u64| {
             let key = FlowKey {
                 port_a: port,
@@ -370,14 +327,28 @@ mod tests {
             Timeouts::default(),
         );
         let mut got = Vec::new();
-        extend_sorted(&mut got, &[&ended, &vanished], 1, &names, 10, &t, 1_000);
-        let mut want = Vec::new();
-        extend(&mut want, &ended, &names, 10, &t, 1_000);
-        extend(&mut want, &vanished, &names, 10, &t, 1_000);
-        want[ended.len()..]
-            .iter_mut()
-            .for_each(ConnRecord::mark_evicted);
-        sort(&mut want);
+        extend_sorted(&mut got, &ended, &vanished, &names, 10, &t, 1_000);
+        // By first packet, then key, then position (the ended first).
+        let order = [
+            (true, 1),
+            (true, 0),
+            (false, 1),
+            (true, 2),
+            (false, 0),
+            (false, 2),
+            (false, 3),
+        ];
+        let want: Vec<ConnRecord> = order
+            .iter()
+            .map(|&(gone, i)| {
+                let (k, v) = if gone { vanished[i] } else { ended[i] };
+                let mut r = ConnRecord::new(Conn::new(k, v), "veth0".into(), 10, &t, 1_000);
+                if gone {
+                    r.mark_evicted();
+                }
+                r
+            })
+            .collect();
         assert_eq!(got, want);
         assert_eq!(
             got.iter()
@@ -397,9 +368,9 @@ mod tests {
     }
 
     #[test]
-    fn sort_orders_by_first_seen_then_key() {
+    fn sort_keys_order_by_first_seen_then_key() {
         let firsts = [2.5, -1.0, 0.0, 2.5, 1e9, -0.0, 2.5];
-        let mut records: Vec<ConnRecord> = firsts
+        let mut keyed: Vec<(SortKey, (f64, u16))> = firsts
             .iter()
             .enumerate()
             .map(|(i, &f)| {
@@ -407,27 +378,13 @@ mod tests {
                     port_a: 100 - i as u16,
                     ..FlowKey::default()
                 };
-                let mut r = ConnRecord::new(
-                    Conn::new(key, FlowValue::default()),
-                    "x".into(),
-                    0,
-                    &Timeouts::default(),
-                    0,
-                );
-                r.first_seen = f;
-                r
+                (sort_key(f, &key, i), (f, key.port_a))
             })
             .collect();
-        let mut expected: Vec<(f64, u16)> = records
-            .iter()
-            .map(|r| (r.first_seen, r.conn.key.port_a))
-            .collect();
+        let mut expected: Vec<(f64, u16)> = keyed.iter().map(|k| k.1).collect();
         expected.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        sort(&mut records);
-        let got: Vec<(f64, u16)> = records
-            .iter()
-            .map(|r| (r.first_seen, r.conn.key.port_a))
-            .collect();
+        keyed.sort_unstable_by_key(|k| k.0);
+        let got: Vec<(f64, u16)> = keyed.iter().map(|k| k.1).collect();
         assert_eq!(got, expected);
         assert_eq!(
             got.iter().map(|g| g.1).collect::<Vec<_>>(),
