@@ -801,7 +801,7 @@ fn replayed(dir: &Path, conns: u32, rates: &[u32]) {
 /// `real_conns` real TCP connections per run, rounds of every monitor.
 fn real(dir: &Path, real_conns: u32, quick: bool) {
     println!(
-        "\n### Real TCP connections\n\n{real_conns} connections per run, one after another as fast as one client thread opens them: the client sends 100 bytes, the server reads them and closes, the client closes. What was sent is read from a capture on the client's side. As with the replay, each monitor first sees as many connections to another port, unmeasured, then the linger passes (steady state).\n"
+        "\n### Real TCP connections\n\n{real_conns} connections per run, one after another as fast as one client thread opens them: the client sends 100 bytes, the server reads them and closes, the client closes. What was sent is read from a capture on the client's side. As with the replay, each monitor is first warmed up, unmeasured, then the linger passes (steady state): here with {REAL_WARM_UP} connections to other ports, as many as flowmon's agent keeps for queries (`--keep`), so that its queue of them is full.\n"
     );
     println!("{TABLE_HEAD}");
     // A listening port of its own per run, warm-up or measured: no tuple
@@ -816,7 +816,7 @@ fn real(dir: &Path, real_conns: u32, quick: bool) {
     compare(
         dir,
         "max",
-        Some(&mut || real_connections(dir, real_conns, next_port()).sent.packets),
+        Some(&mut || warm_up_real(dir, &next_port)),
         if quick { 1 } else { REAL_ROUNDS },
         |_| real_connections(dir, real_conns, next_port()),
     );
@@ -827,10 +827,18 @@ fn real(dir: &Path, real_conns: u32, quick: bool) {
 /// server namespace on `port`, and returns what the wire carried (a capture
 /// on the client's veth) and the packet rate.
 fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
-    use std::{
-        io::{Read, Write},
-        net::{TcpListener, TcpStream},
-    };
+    let (sent, elapsed) = captured(dir, || connect_loop(n, port));
+    Load {
+        rate: sent.packets as f64 / elapsed.as_secs_f64(),
+        sent,
+        server: SRV_ADDR.parse().unwrap(),
+        server_port: port,
+    }
+}
+
+/// Runs `send` with a capture on the client's veth, and returns what the
+/// capture counted and how long `send` took.
+fn captured(dir: &Path, send: impl FnOnce()) -> (Sent, Duration) {
     let wire = dir.join("wire.pcap");
     let mut capture = monitor_cmd(
         CLT_NS,
@@ -855,6 +863,27 @@ fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
     .spawn()
     .unwrap();
     wait_for_line(dir, "wire", "listening on");
+    let started = std::time::Instant::now();
+    send();
+    let elapsed = started.elapsed();
+    // The last FIN's ACK, and the kernel's timeout for the capture's last
+    // block (tcpdump's packet buffer timeout, 1 s), then the capture's end.
+    thread::sleep(Duration::from_millis(1300));
+    let pid = nix::unistd::Pid::from_raw(capture.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    capture.wait().unwrap();
+    (count_capture(&wire), elapsed)
+}
+
+/// Opens `n` TCP connections, one after another, from a client thread in
+/// the client namespace to a server thread in the server namespace on
+/// `port`: the client sends 100 bytes, the server reads them and closes,
+/// the client closes.
+fn connect_loop(n: u32, port: u16) {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+    };
     let listener = in_ns_thread(SRV_NS, move || TcpListener::bind((SRV_ADDR, port)).unwrap());
     let server = thread::spawn(move || {
         pin_to_last_cpu();
@@ -864,7 +893,6 @@ fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
             s.read_exact(&mut buf).unwrap();
         }
     });
-    let started = std::time::Instant::now();
     in_ns_thread(CLT_NS, move || {
         pin_to_last_cpu();
         let mut buf = [0u8; 1];
@@ -876,20 +904,28 @@ fn real_connections(dir: &Path, n: u32, port: u16) -> Load {
         }
     });
     server.join().unwrap();
-    let elapsed = started.elapsed();
-    // The last FIN's ACK, and the kernel's timeout for the capture's last
-    // block (tcpdump's packet buffer timeout, 1 s), then the capture's end.
-    thread::sleep(Duration::from_millis(1300));
-    let pid = nix::unistd::Pid::from_raw(capture.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    capture.wait().unwrap();
-    let sent = count_capture(&wire);
-    Load {
-        rate: sent.packets as f64 / elapsed.as_secs_f64(),
-        sent,
-        server: SRV_ADDR.parse().unwrap(),
-        server_port: port,
-    }
+}
+
+/// Connections a monitor is warmed up with before the real connections are
+/// measured: as many as flowmon's agent keeps for queries (`--keep`), so
+/// that its queue of recent connections is full, and what it frees each
+/// poll is what it allocates, as in a monitor that has run for a while.
+/// With only as many as a measured run, the queue was still growing into
+/// fresh pages during the measurement. In runs of at most 20,000 on ports
+/// of their own, fewer than the client's ephemeral ports: no tuple is
+/// reused while the server still holds it in TIME_WAIT.
+const REAL_WARM_UP: u32 = 100_000;
+
+fn warm_up_real(dir: &Path, next_port: &dyn Fn() -> u16) -> u64 {
+    let (sent, _) = captured(dir, || {
+        let mut left = REAL_WARM_UP;
+        while left > 0 {
+            let n = left.min(20_000);
+            connect_loop(n, next_port());
+            left -= n;
+        }
+    });
+    sent.packets
 }
 
 /// Runs of the real connections per monitor: their rates vary more from
