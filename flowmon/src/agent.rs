@@ -176,13 +176,19 @@ impl Agent {
             // there is over, with what the retired entry counted after it
             // (unless that entry is a whole connection of its own).
             match self.held.route(&k, &v) {
-                Route::Own => ended.push((k, v)),
+                Route::Own => {
+                    self.tracker.end(&k, &v);
+                    ended.push((k, v));
+                }
                 Route::Trailing => {
-                    self.held.hold(k, v);
+                    if let Some(before) = self.held.hold(k, v) {
+                        self.tracker.merge(&k, &before, &v);
+                    }
                     ended.extend(self.held.end(&k));
                 }
                 Route::Successor => {
                     ended.extend(self.held.end(&k));
+                    self.tracker.end(&k, &v);
                     ended.push((k, v));
                 }
             }
@@ -260,10 +266,9 @@ impl Agent {
         let poll = match read.part {
             None => self
                 .tracker
-                .poll(&live, &ended, &kept, totals, ifaces, unix_ms, removed_total),
+                .poll(&live, &kept, totals, ifaces, unix_ms, removed_total),
             Some(cycle_done) => self.tracker.poll_part(
                 &live,
-                &ended,
                 &kept,
                 cycle_done,
                 totals,
@@ -333,7 +338,7 @@ impl Agent {
         // A key costs a hash and a few cache misses, a whole read a copy of
         // every occupied slot: when much of a big table changed, reading
         // all of it is cheaper.
-        if keys.len() > 4096 && keys.len() > self.tracker.tracked() / 8 {
+        if keys.len() > 4096 && keys.len() > self.tracked() / 8 {
             self.cursor = None;
             return Ok(Read {
                 entries: self
@@ -342,7 +347,7 @@ impl Agent {
                 part: None,
             });
         }
-        let slice = (self.tracker.tracked() / self.sweep_polls.max(1) as usize).max(4096);
+        let slice = (self.tracked() / self.sweep_polls.max(1) as usize).max(4096);
         let (mut entries, next) = self.kernel.flows_from(self.cursor, slice)?;
         self.cursor = next;
         for (k, _) in &entries {
@@ -374,7 +379,7 @@ impl Agent {
     /// the whole table again below half of it (the gap keeps a table near
     /// the limit from switching every poll).
     fn choose_mode(&mut self) -> Result<(), KernelError> {
-        let tracked = self.tracker.tracked();
+        let tracked = self.tracked();
         if self.kernel.epoch() == 0 && tracked > self.full_scan_limit {
             // This poll read everything: announcements start from here.
             self.kernel.set_epoch(1)?;
@@ -384,6 +389,11 @@ impl Agent {
             self.kernel.drain_dirty();
         }
         Ok(())
+    }
+
+    /// Connections known to be in the table, or held out of it.
+    fn tracked(&self) -> usize {
+        self.tracker.tracked() + self.held.len()
     }
 
     /// Whether polls list the connections that changed ([`Poll::changed`]):
@@ -443,7 +453,12 @@ impl Agent {
         hold: &[bool],
         ended: &mut Vec<(FlowKey, FlowValue)>,
     ) -> Result<(), KernelError> {
-        let (held, kept, removed) = (&mut self.held, &mut self.kept, &mut self.removed);
+        let (held, kept, removed, tracker) = (
+            &mut self.held,
+            &mut self.kept,
+            &mut self.removed,
+            &mut self.tracker,
+        );
         self.kernel.take_flows_each(seen, |i, t| {
             let key = seen[i].0;
             let value = match t {
@@ -462,8 +477,12 @@ impl Agent {
                 Taken::Absent => return,
             };
             if hold.get(i) == Some(&true) {
-                held.hold(key, value);
+                match held.hold(key, value) {
+                    None => tracker.hold(&key, &value),
+                    Some(before) => tracker.merge(&key, &before, &value),
+                }
             } else {
+                tracker.end(&key, &value);
                 ended.push((key, value));
             }
         })

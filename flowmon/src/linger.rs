@@ -78,15 +78,19 @@ impl Held {
         }
     }
 
-    /// Holds a connection just taken out of the table.
-    pub fn hold(&mut self, key: FlowKey, value: FlowValue) {
+    /// Holds a connection just taken out of the table. Trailing packets
+    /// of one already held are merged into it, and what it was before is
+    /// returned (the tracker counts only what they added).
+    pub fn hold(&mut self, key: FlowKey, value: FlowValue) -> Option<FlowValue> {
         match self.index.entry(key) {
             Entry::Occupied(mut e) => {
                 let s = e.get_mut();
                 let v = &mut self.slab[s.at as usize];
+                let before = *v;
                 v.merge(&value);
                 s.last = last_active(v);
                 s.touched = true;
+                Some(before)
             }
             Entry::Vacant(e) => {
                 let at = match self.free.pop() {
@@ -104,6 +108,7 @@ impl Held {
                     touched: true,
                     last: last_active(&value),
                 });
+                None
             }
         }
     }
@@ -204,10 +209,14 @@ mod tests {
     #[test]
     fn trailing_packets_merge_and_restart_the_linger() {
         let mut h = Held::default();
-        h.hold(key(1), value(4, S, 0));
+        assert_eq!(h.hold(key(1), value(4, S, 0)), None, "newly held");
         assert_eq!(h.route(&key(2), &value(1, S, 0)), Route::Own);
         assert_eq!(h.route(&key(1), &value(1, 2 * S, 0)), Route::Trailing);
-        h.hold(key(1), value(1, 2 * S, 0));
+        assert_eq!(
+            h.hold(key(1), value(1, 2 * S, 0)),
+            Some(value(4, S, 0)),
+            "merged: what it was before"
+        );
         let mut out = Vec::new();
         h.end_due(3 * S + S / 2, Duration::from_secs(2), false, &mut out);
         assert!(out.is_empty(), "silent 1.5 s since the trailing packet");

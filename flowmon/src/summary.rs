@@ -85,9 +85,6 @@ struct Digest {
     last_s: u32,
     /// The sweep cycle ([`Tracker::poll_part`]) in which it was last read.
     seen: u32,
-    /// Held by the agent through its linger: out of the table, and not
-    /// read again until it changes or ends, so never vanished.
-    held: bool,
 }
 
 impl Digest {
@@ -113,7 +110,6 @@ impl Digest {
             // Rounded up, so that the last packet is never later than it says.
             last_s: u32::try_from(last.div_ceil(1_000_000_000)).unwrap_or(u32::MAX),
             seen: 0,
-            held: false,
         }
     }
 
@@ -201,6 +197,13 @@ pub struct Poll {
 }
 
 /// Remembers the previous poll so the next one can report what changed.
+///
+/// Connections the agent holds through their linger are not remembered
+/// here: each is counted once when the agent takes it ([`Tracker::hold`])
+/// and again only for trailing packets merged into it
+/// ([`Tracker::merge`]), so its end needs no lookup. Remembering them cost
+/// an insert and a remove per connection in a map of every tracked one,
+/// a tenth of the agent's work on short connections.
 #[derive(Default)]
 pub struct Tracker {
     prev: FxHashMap<FlowKey, Digest>,
@@ -215,6 +218,9 @@ pub struct Tracker {
     pub skip_changed: bool,
     /// For the next poll: see [`Tracker::set_held`].
     held: HeldPart,
+    /// What connections ended, held or merged into since the last poll
+    /// added: the next poll's starting point.
+    pending: Update,
 }
 
 /// Which connections of a poll the agent holds through their linger.
@@ -255,17 +261,15 @@ impl Tracker {
             .collect();
     }
 
-    /// Builds a poll from the live entries and the connections that ended
-    /// since the previous poll (`ended`, removed or retired). `kept` are
-    /// connections this poll does not see as live but knows are there (left
-    /// in place of a take, or held by the agent through their linger):
-    /// remembered as they were, not evicted.
+    /// Builds a poll from the live entries, and what was given since the
+    /// previous poll ([`Tracker::end`], [`Tracker::hold`],
+    /// [`Tracker::merge`]). `kept` are connections this poll does not see
+    /// as live but knows are there (left in place of a take): remembered as
+    /// they were, not evicted.
     /// `removed` is how many entries the agent has deleted since load.
-    #[allow(clippy::too_many_arguments)]
     pub fn poll(
         &mut self,
         live: &[(FlowKey, FlowValue)],
-        ended: &[(FlowKey, FlowValue)],
         kept: &[FlowKey],
         totals: [u64; STAT_COUNT as usize],
         ifaces: Vec<String>,
@@ -274,13 +278,13 @@ impl Tracker {
     ) -> Poll {
         // The whole table was read: one poll is a whole sweep cycle.
         let quiet = self.held.quiet;
-        let mut u = self.update(live, ended, kept, true);
+        let mut u = self.update(live, kept, true);
         u.flows_active = live.len() + kept.len() + quiet;
         self.finish(u, totals, ifaces, time_unix_ms, removed)
     }
 
     /// A poll that read part of the table: `live`, the entries read (those
-    /// that changed and a slice of the sweep), `ended`, and `kept` as in
+    /// that changed and a slice of the sweep), and `kept` as in
     /// [`Tracker::poll`]. Connections not read are remembered as they were. When
     /// `cycle_done`, the sweep has just been round the whole table: what it
     /// did not meet, and no packet brought back, is gone without the agent
@@ -289,7 +293,6 @@ impl Tracker {
     pub fn poll_part(
         &mut self,
         live: &[(FlowKey, FlowValue)],
-        ended: &[(FlowKey, FlowValue)],
         kept: &[FlowKey],
         cycle_done: bool,
         totals: [u64; STAT_COUNT as usize],
@@ -297,40 +300,86 @@ impl Tracker {
         time_unix_ms: u64,
         removed: u64,
     ) -> Poll {
-        let u = self.update(live, ended, kept, cycle_done);
+        let held = self.held;
+        let mut u = self.update(live, kept, cycle_done);
+        u.flows_active += live.len().saturating_sub(held.from) + held.quiet;
         self.finish(u, totals, ifaces, time_unix_ms, removed)
     }
 
-    /// Takes in what a poll read, in place. Each tuple's delta is what all
-    /// its lifetimes counted since the previous poll: an ended lifetime
-    /// continues the remembered counts, so it consumes them; a live entry on
-    /// the same tuple then starts from zero, as the new connection it is.
-    /// Entries read (and `kept`) are marked with the current sweep cycle;
-    /// when `cycle_done`, those the cycle never met are vanished.
+    /// A connection that ended without being held (retired by a new SYN
+    /// on its tuple, timed out, evicted or flushed): what it counted since
+    /// it was last read, and it is forgotten. Given before the poll whose
+    /// live entries may hold its tuple's next connection, which then
+    /// starts from zero.
+    pub fn end(&mut self, k: &FlowKey, v: &FlowValue) {
+        let before = self.prev.remove(k);
+        let u = &mut self.pending;
+        if before.is_none() {
+            *u.opened.entry(k.ifindex).or_default() += 1;
+        }
+        u.delta.add(k, v, &Digest::of(v), before.as_ref());
+    }
+
+    /// A connection the agent has taken out of the table to hold through
+    /// its linger: counted as a live entry read now would be (new, or what
+    /// it added since it was last read), and forgotten here. It is then
+    /// counted again only for what [`Tracker::merge`] adds, and its end
+    /// adds nothing.
+    pub fn hold(&mut self, k: &FlowKey, v: &FlowValue) {
+        let now = Digest::of(v);
+        let mut before = self.prev.remove(k);
+        let u = &mut self.pending;
+        if let Some(b) = before.filter(|b| b.replaced_by(&now)) {
+            // Evicted, and its tuple in use again (see `update`).
+            u.vanished.push((*k, b.value()));
+            before = None;
+        }
+        if before.is_none() {
+            u.flows_new += 1;
+            *u.opened.entry(k.ifindex).or_default() += 1;
+        }
+        u.delta.add(k, v, &now, before.as_ref());
+    }
+
+    /// Trailing packets (`trailing`) the agent merged into the connection
+    /// it holds on `k`, which was `held` before: counted, on the sides the
+    /// whole connection gives them.
+    pub fn merge(&mut self, k: &FlowKey, held: &FlowValue, trailing: &FlowValue) {
+        let mut merged = *held;
+        merged.merge(trailing);
+        self.pending
+            .delta
+            .add(k, &merged, &Digest::of(&merged), Some(&Digest::of(held)));
+    }
+
+    /// Takes in what a poll read, in place, after what was given since the
+    /// previous poll. Each tuple's delta is what all its lifetimes counted
+    /// since the previous poll: an ended lifetime continues the remembered
+    /// counts, so it consumes them; a live entry on the same tuple then
+    /// starts from zero, as the new connection it is. The live entries from
+    /// [`HeldPart::from`] on are held connections, counted when given:
+    /// they are only listed as changed. Entries read (and `kept`) are
+    /// marked with the current sweep cycle; when `cycle_done`, those the
+    /// cycle never met are vanished.
     fn update(
         &mut self,
         live: &[(FlowKey, FlowValue)],
-        ended: &[(FlowKey, FlowValue)],
         kept: &[FlowKey],
         cycle_done: bool,
     ) -> Update {
-        let mut delta = Deltas::default();
-        let mut opened = BTreeMap::new();
-        for (k, v) in ended {
-            let before = self.prev.remove(k);
-            if before.is_none() {
-                *opened.entry(k.ifindex).or_default() += 1;
-            }
-            delta.add(k, v, &Digest::of(v), before.as_ref());
-        }
-        let mut changed = Vec::new();
-        let mut vanished = Vec::new();
-        let mut flows_new = 0;
+        let Update {
+            mut delta,
+            mut opened,
+            mut changed,
+            mut vanished,
+            mut flows_new,
+            ..
+        } = std::mem::take(&mut self.pending);
         let held = std::mem::take(&mut self.held);
-        for (i, (k, v)) in live.iter().enumerate() {
+        let (table, held_live) = live.split_at(held.from.min(live.len()));
+        for (k, v) in table {
             let now = Digest {
                 seen: self.cycle,
-                held: i >= held.from,
                 ..Digest::of(v)
             };
             let mut before = self.prev.insert(*k, now);
@@ -349,6 +398,9 @@ impl Tracker {
                 changed.push(Conn::new(*k, *v));
             }
         }
+        if !self.skip_changed {
+            changed.extend(held_live.iter().map(|(k, v)| Conn::new(*k, *v)));
+        }
         for k in kept {
             if let Some(d) = self.prev.get_mut(k) {
                 d.seen = self.cycle;
@@ -357,7 +409,7 @@ impl Tracker {
         if cycle_done {
             let cycle = self.cycle;
             self.prev.retain(|k, d| {
-                let stays = d.seen == cycle || d.held;
+                let stays = d.seen == cycle;
                 if !stays {
                     vanished.push((*k, d.value()));
                 }
@@ -435,6 +487,7 @@ impl Tracker {
 }
 
 /// What one poll changed, before it is summed up.
+#[derive(Default)]
 struct Update {
     delta: Deltas,
     opened: BTreeMap<u32, u64>,
@@ -623,10 +676,29 @@ mod tests {
         t
     }
 
+    /// A poll given `ended` as the agent gives what ended unheld.
+    #[allow(clippy::too_many_arguments)]
+    fn poll(
+        tr: &mut Tracker,
+        live: &[(FlowKey, FlowValue)],
+        ended: &[(FlowKey, FlowValue)],
+        kept: &[FlowKey],
+        totals: [u64; STAT_COUNT as usize],
+        ifaces: Vec<String>,
+        time_unix_ms: u64,
+        removed: u64,
+    ) -> Poll {
+        for (k, v) in ended {
+            tr.end(k, v);
+        }
+        tr.poll(live, kept, totals, ifaces, time_unix_ms, removed)
+    }
+
     #[test]
     fn deltas_count_only_what_is_new() {
         let mut tr = Tracker::default();
-        let p = tr.poll(
+        let p = poll(
+            &mut tr,
             &[flow(40000, 3, 2)],
             &[],
             &[],
@@ -656,7 +728,8 @@ mod tests {
             "client and server sides"
         );
         assert_eq!(p.opened, BTreeMap::from([(3, 1)]));
-        let p = tr.poll(
+        let p = poll(
+            &mut tr,
             &[flow(40000, 5, 2), flow(40001, 1, 1)],
             &[],
             &[],
@@ -671,7 +744,8 @@ mod tests {
         );
         assert_eq!(p.changed.len(), 2);
         assert_eq!(p.changed[0].key.port_b, 40000, "busiest first");
-        let p = tr.poll(
+        let p = poll(
+            &mut tr,
             &[flow(40000, 5, 2), flow(40001, 1, 1)],
             &[],
             &[],
@@ -689,9 +763,19 @@ mod tests {
     #[test]
     fn deltas_include_connections_that_ended() {
         let mut tr = Tracker::default();
-        tr.poll(&[flow(40000, 3, 2)], &[], &[], totals(1), vec![], 0, 0);
+        poll(
+            &mut tr,
+            &[flow(40000, 3, 2)],
+            &[],
+            &[],
+            totals(1),
+            vec![],
+            0,
+            0,
+        );
         // The connection ended at 4/2 and a new one on the same tuple has 1/0.
-        let p = tr.poll(
+        let p = poll(
+            &mut tr,
             &[flow(40000, 1, 0)],
             &[flow(40000, 4, 2)],
             &[],
@@ -710,14 +794,15 @@ mod tests {
     #[test]
     fn entries_gone_from_the_table_are_evictions() {
         let mut tr = Tracker::default();
-        let p = tr.poll(&[flow(1, 1, 1)], &[], &[], totals(5), vec![], 0, 1);
+        let p = poll(&mut tr, &[flow(1, 1, 1)], &[], &[], totals(5), vec![], 0, 1);
         assert_eq!(
             p.flows_evicted, 3,
             "5 created, 1 live, 1 removed by the agent"
         );
         // Entries counted in the table but not yet in `created` (read
         // first) make the estimate dip: the count never goes back.
-        let p = tr.poll(
+        let p = poll(
+            &mut tr,
             &[flow(1, 1, 1), flow(2, 1, 1), flow(3, 1, 1)],
             &[],
             &[],
@@ -733,10 +818,10 @@ mod tests {
     fn connections_gone_unremoved_are_reported_as_last_seen() {
         let mut tr = Tracker::default();
         let (a, b, c) = (flow(40000, 3, 2), flow(40001, 4, 1), flow(40002, 1, 0));
-        tr.poll(&[a, b, c], &[], &[], totals(3), vec![], 0, 0);
+        poll(&mut tr, &[a, b, c], &[], &[], totals(3), vec![], 0, 0);
         // `a` ended (removed by the agent), `b` was left by a take and is
         // not in the live list, `c` vanished: only `c` was evicted.
-        let p = tr.poll(&[], &[a], &[b.0], totals(3), vec![], 1000, 1);
+        let p = poll(&mut tr, &[], &[a], &[b.0], totals(3), vec![], 1000, 1);
         assert_eq!(p.vanished.len(), 1);
         let (k, v) = p.vanished[0];
         assert_eq!(k, c.0);
@@ -752,65 +837,130 @@ mod tests {
             "times to the second: first rounded down, last up"
         );
         // `b` is still remembered: its next poll counts only what is new.
-        let p = tr.poll(&[b], &[], &[], totals(3), vec![], 2000, 1);
+        let p = poll(&mut tr, &[b], &[], &[], totals(3), vec![], 2000, 1);
         assert_eq!((p.delta.packets, p.flows_new, p.vanished.len()), (0, 0, 0));
     }
 
     #[test]
-    fn held_connections_stay_until_they_end_without_being_listed() {
+    fn held_connections_are_counted_when_held_and_merged_not_when_they_end() {
         let mut tr = Tracker::default();
         let (a, b) = (flow(40000, 3, 2), flow(40001, 4, 1));
         // `b` is in the table; `a` was just taken and is held (last in the
         // live list).
+        tr.hold(&a.0, &a.1);
         tr.set_held(1, 0);
-        let p = tr.poll(&[b, a], &[], &[], totals(2), vec![], 0, 1);
-        assert_eq!((p.delta.packets, p.flows_active), (10, 2));
+        let p = poll(&mut tr, &[b, a], &[], &[], totals(2), vec![], 0, 1);
+        assert_eq!((p.delta.packets, p.flows_new, p.flows_active), (10, 2, 2));
+        assert_eq!(p.opened, BTreeMap::from([(3, 2)]));
+        assert_eq!(p.changed.len(), 2, "both are new");
+        assert_eq!(tr.tracked(), 1, "the held one is the agent's to remember");
         // Unchanged and held, so not given: not vanished, still active.
         tr.set_held(1, 1);
-        let p = tr.poll(&[b], &[], &[], totals(2), vec![], 1000, 1);
-        assert_eq!((p.vanished.len(), p.flows_active), (0, 2));
-        // A trailing packet merged into it: changed, and still held.
+        let p = poll(&mut tr, &[b], &[], &[], totals(2), vec![], 1000, 1);
+        assert_eq!(
+            (p.vanished.len(), p.flows_active, p.delta.packets),
+            (0, 2, 0)
+        );
+        // A trailing packet from the client merged into it: counted on the
+        // client's side, changed, and still held.
+        let mut trailing = FlowValue::default();
+        trailing.dir[DIR_B_TO_A].packets = 1;
+        trailing.dir[DIR_B_TO_A].fin = 1;
         let mut more = a;
-        more.1.dir[DIR_B_TO_A].packets += 1;
+        more.1.merge(&trailing);
+        tr.merge(&a.0, &a.1, &trailing);
         tr.set_held(1, 0);
-        let p = tr.poll(&[b, more], &[], &[], totals(3), vec![], 2000, 2);
-        assert_eq!((p.delta.packets, p.flows_new, p.flows_active), (1, 0, 2));
+        let p = poll(&mut tr, &[b, more], &[], &[], totals(3), vec![], 2000, 2);
+        assert_eq!(
+            (
+                p.delta.packets,
+                p.delta.fin,
+                p.sides[0].packets,
+                p.sides[0].fin
+            ),
+            (1, 1, 1, 1)
+        );
+        assert_eq!((p.flows_new, p.flows_active, p.changed.len()), (0, 2, 1));
+        assert!(p.opened.is_empty());
         tr.set_held(1, 1);
-        let p = tr.poll(&[b], &[], &[], totals(3), vec![], 3000, 2);
+        let p = poll(&mut tr, &[b], &[], &[], totals(3), vec![], 3000, 2);
         assert_eq!(p.vanished.len(), 0);
-        // Its linger over: reported with nothing new, and forgotten.
-        let p = tr.poll(&[b], &[more], &[], totals(3), vec![], 4000, 2);
+        // Its linger over: the agent reports it, the tracker adds nothing.
+        tr.set_held(1, 0);
+        let p = poll(&mut tr, &[b], &[], &[], totals(3), vec![], 4000, 2);
         assert_eq!((p.delta.packets, p.flows_active, tr.tracked()), (0, 1, 1));
+    }
+
+    #[test]
+    fn a_connection_read_live_then_held_counts_only_what_it_added() {
+        let mut tr = Tracker::default();
+        let a = flow(40000, 3, 2);
+        poll(&mut tr, &[a], &[], &[], totals(1), vec![], 0, 0);
+        // Read open last poll; now final, taken and held with 2 packets more.
+        let later = flow(40000, 4, 3);
+        tr.hold(&later.0, &later.1);
+        tr.set_held(0, 0);
+        let p = poll(&mut tr, &[later], &[], &[], totals(1), vec![], 1000, 1);
+        assert_eq!(
+            (
+                p.delta.packets,
+                p.flows_new,
+                p.flows_active,
+                p.vanished.len()
+            ),
+            (2, 0, 1, 0)
+        );
+        assert_eq!(tr.tracked(), 0);
+    }
+
+    #[test]
+    fn a_partial_poll_counts_held_connections_as_active() {
+        let mut tr = Tracker::default();
+        let (a, b) = (flow(40000, 3, 2), flow(40001, 4, 1));
+        tr.hold(&a.0, &a.1);
+        tr.set_held(1, 4);
+        let p = tr.poll_part(&[b, a], &[], false, totals(6), vec![], 0, 1);
+        assert_eq!((p.flows_active, p.flows_new, p.delta.packets), (6, 2, 10));
     }
 
     #[test]
     fn an_entry_evicted_and_made_again_between_polls_is_reported() {
         let mut tr = Tracker::default();
         let a = flow(40000, 5, 4);
-        tr.poll(&[a], &[], &[], totals(1), vec![], 0, 0);
+        poll(&mut tr, &[a], &[], &[], totals(1), vec![], 0, 0);
         // The same tuple, fewer packets and no SYN: another entry (the
         // tuple's later packets, after an eviction the agent never saw).
         let mut again = flow(40000, 2, 1);
         again.1.dir[DIR_B_TO_A].syn = 0;
-        let p = tr.poll(&[again], &[], &[], totals(2), vec![], 1000, 0);
+        let p = poll(&mut tr, &[again], &[], &[], totals(2), vec![], 1000, 0);
         assert_eq!(p.vanished.len(), 1);
         assert_eq!(p.vanished[0].1.dir[DIR_B_TO_A].packets, 5);
         assert_eq!((p.flows_new, p.delta.packets, p.flows_active), (1, 3, 1));
         // More packets on the same entry: just a delta.
         let mut more = flow(40000, 3, 1);
         more.1.dir[DIR_B_TO_A].syn = 0;
-        let p = tr.poll(&[more], &[], &[], totals(2), vec![], 2000, 0);
+        let p = poll(&mut tr, &[more], &[], &[], totals(2), vec![], 2000, 0);
         assert_eq!((p.vanished.len(), p.flows_new, p.delta.packets), (0, 0, 1));
         // Fewer packets with a SYN: a retired connection's successor, whose
         // predecessor the ring buffer brings; nothing is reported here.
-        let p = tr.poll(&[flow(40000, 1, 0)], &[], &[], totals(3), vec![], 3000, 0);
+        let p = poll(
+            &mut tr,
+            &[flow(40000, 1, 0)],
+            &[],
+            &[],
+            totals(3),
+            vec![],
+            3000,
+            0,
+        );
         assert_eq!(p.vanished.len(), 0);
     }
 
     #[test]
     fn json_uses_the_connection_vocabulary() {
         let mut tr = Tracker::default();
-        let p = tr.poll(
+        let p = poll(
+            &mut tr,
             &[flow(40000, 3, 2)],
             &[],
             &[],
@@ -860,7 +1010,8 @@ mod tests {
     #[test]
     fn text_names_client_then_server() {
         let mut tr = Tracker::default();
-        let p = tr.poll(
+        let p = poll(
+            &mut tr,
             &[flow(40000, 3, 2)],
             &[],
             &[],
