@@ -459,15 +459,18 @@ fn main() {
         kernel_cost(sizes, repeat);
         return;
     }
-    let live = || {
-        if quick {
-            live::live(20_000, &[50_000, 0], 5_000, true);
-        } else {
-            live::live(50_000, &[50_000, 100_000, 200_000, 0], 20_000, false);
-        }
+    let (conns, rates, real_conns): (u32, &[u32], u32) = if quick {
+        (20_000, &[50_000, 0], 5_000)
+    } else {
+        (50_000, &[50_000, 100_000, 200_000, 0], 20_000)
     };
+    let live = || live::live(conns, rates, real_conns, quick);
     if args.iter().any(|a| a == "--real-only") {
-        live::live(0, &[], if quick { 5_000 } else { 20_000 }, quick);
+        live::live(0, &[], real_conns, quick);
+        return;
+    }
+    if args.iter().any(|a| a == "--replay-only") {
+        live::live(conns, rates, 0, quick);
         return;
     }
     if args.iter().any(|a| a == "--live-only") {
