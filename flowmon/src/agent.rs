@@ -181,8 +181,8 @@ impl Agent {
                     ended.push((k, v));
                 }
                 Route::Trailing => {
-                    if let Some(before) = self.held.hold(k, v) {
-                        self.tracker.merge(&k, &before, &v);
+                    if let Some((before, merged)) = self.held.hold(k, v) {
+                        self.tracker.merge(&k, &before, merged);
                     }
                     ended.extend(self.held.end(&k));
                 }
@@ -479,7 +479,7 @@ impl Agent {
             if hold.get(i) == Some(&true) {
                 match held.hold(key, value) {
                     None => tracker.hold(&key, &value),
-                    Some(before) => tracker.merge(&key, &before, &value),
+                    Some((before, merged)) => tracker.merge(&key, &before, merged),
                 }
             } else {
                 tracker.end(&key, &value);

@@ -79,9 +79,9 @@ impl Held {
     }
 
     /// Holds a connection just taken out of the table. Trailing packets
-    /// of one already held are merged into it, and what it was before is
-    /// returned (the tracker counts only what they added).
-    pub fn hold(&mut self, key: FlowKey, value: FlowValue) -> Option<FlowValue> {
+    /// of one already held are merged into it, and what it was before and
+    /// is now are returned (the tracker counts only what they added).
+    pub fn hold(&mut self, key: FlowKey, value: FlowValue) -> Option<(FlowValue, &FlowValue)> {
         match self.index.entry(key) {
             Entry::Occupied(mut e) => {
                 let s = e.get_mut();
@@ -90,7 +90,7 @@ impl Held {
                 v.merge(&value);
                 s.last = last_active(v);
                 s.touched = true;
-                Some(before)
+                Some((before, v))
             }
             Entry::Vacant(e) => {
                 let at = match self.free.pop() {
@@ -209,13 +209,15 @@ mod tests {
     #[test]
     fn trailing_packets_merge_and_restart_the_linger() {
         let mut h = Held::default();
-        assert_eq!(h.hold(key(1), value(4, S, 0)), None, "newly held");
+        assert!(h.hold(key(1), value(4, S, 0)).is_none(), "newly held");
         assert_eq!(h.route(&key(2), &value(1, S, 0)), Route::Own);
         assert_eq!(h.route(&key(1), &value(1, 2 * S, 0)), Route::Trailing);
+        let mut merged = value(4, S, 0);
+        merged.merge(&value(1, 2 * S, 0));
         assert_eq!(
             h.hold(key(1), value(1, 2 * S, 0)),
-            Some(value(4, S, 0)),
-            "merged: what it was before"
+            Some((value(4, S, 0), &merged)),
+            "merged: what it was before, and is now"
         );
         let mut out = Vec::new();
         h.end_due(3 * S + S / 2, Duration::from_secs(2), false, &mut out);

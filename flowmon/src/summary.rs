@@ -11,10 +11,15 @@ use rustc_hash::FxHashMap;
 use flowmon_common::{
     flow::{DirStats, FlowKey, FlowValue},
     stats::{STAT_COUNT, STAT_FLOWS_CREATED, STAT_NAMES},
+    table::last_active,
 };
 use serde_json::{Map, Value, json};
 
-use crate::{close::Timeouts, model::Conn, record::ConnRecord};
+use crate::{
+    close::{Timeouts, earliest},
+    model::Conn,
+    record::ConnRecord,
+};
 
 /// JSON schema version of the poll objects.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -97,12 +102,8 @@ impl Digest {
             fin: s.fin,
             rst: s.rst,
         };
-        let first = [v.dir[0].first_ns, v.dir[1].first_ns]
-            .into_iter()
-            .filter(|&t| t != 0)
-            .min()
-            .unwrap_or(0);
-        let last = v.dir[0].last_ns.max(v.dir[1].last_ns);
+        let first = earliest(&[v.dir[0].first_ns, v.dir[1].first_ns]);
+        let last = last_active(v);
         let secs = |ns: u64| u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX);
         Self {
             dir: [d(&v.dir[0]), d(&v.dir[1])],
@@ -341,15 +342,13 @@ impl Tracker {
         u.delta.add(k, v, &now, before.as_ref());
     }
 
-    /// Trailing packets (`trailing`) the agent merged into the connection
-    /// it holds on `k`, which was `held` before: counted, on the sides the
-    /// whole connection gives them.
-    pub fn merge(&mut self, k: &FlowKey, held: &FlowValue, trailing: &FlowValue) {
-        let mut merged = *held;
-        merged.merge(trailing);
+    /// Trailing packets the agent merged into the connection it holds on
+    /// `k`, which was `before` and is now `merged`: what they added is
+    /// counted, on the sides the whole connection gives them.
+    pub fn merge(&mut self, k: &FlowKey, before: &FlowValue, merged: &FlowValue) {
         self.pending
             .delta
-            .add(k, &merged, &Digest::of(&merged), Some(&Digest::of(held)));
+            .add(k, merged, &Digest::of(merged), Some(&Digest::of(before)));
     }
 
     /// Takes in what a poll read, in place, after what was given since the
@@ -868,7 +867,7 @@ mod tests {
         trailing.dir[DIR_B_TO_A].fin = 1;
         let mut more = a;
         more.1.merge(&trailing);
-        tr.merge(&a.0, &a.1, &trailing);
+        tr.merge(&a.0, &a.1, &more.1);
         tr.set_held(1, 0);
         let p = poll(&mut tr, &[b, more], &[], &[], totals(3), vec![], 2000, 2);
         assert_eq!(
