@@ -284,7 +284,8 @@ pub const CLOSED_RING_BYTES: u32 = 4096 * 264;
 /// 78 MiB at the default.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 
-/// Layout of the one-entry CONFIG array map.
+/// The agent's settings for the programs: their global `CONFIG`, which the
+/// agent writes as the one entry of its map (`.data.config`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {

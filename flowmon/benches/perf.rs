@@ -194,7 +194,7 @@ fn kernel_cost(sizes: &[u32], repeat: u32) {
         let flags_t = (tc[1] + tc[2] + tc[3]) / 3.0;
         let (new_conn, creation) = new_connection_overhead(&mut k);
         println!(
-            "| {n} | {pass_x:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {pass_t:.0} | {:.0} | {flags_t:.0} | **{:.0}** | **{:.0}** | **{:.0}** | {new_conn:.0} | {creation:.0} |",
+            "| {n} | {pass_x:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {pass_t:.0} | {:.0} | {flags_t:.0} | **{:.1}** | **{:.1}** | **{:.1}** | {new_conn:.0} | {creation:.0} |",
             xdp[0],
             xdp[1],
             xdp[2],

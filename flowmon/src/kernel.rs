@@ -5,7 +5,11 @@
 //! Dropping a `Kernel` detaches every program it attached: the XDP and TCX
 //! attachments are BPF links owned by their file descriptors.
 
-use std::{io, path::PathBuf, process::Command};
+use std::{
+    io,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -43,7 +47,12 @@ pub const PASS_TC_PROGRAM: &str = "flowmon_pass_tc";
 const TAKE_PROGRAM: &str = "flowmon_take";
 const BUCKETS_MAP: &str = "BUCKETS";
 const STATS_MAP: &str = "STATS";
-const CONFIG_MAP: &str = "CONFIG";
+/// The programs' global `CONFIG`: the loader makes its section a one-entry
+/// array map of that name. Pinned as [`CONFIG_PIN`], the name the map had
+/// when it was declared as one, so tables pinned then still resume.
+const CONFIG_MAP: &str = ".data.config";
+const CONFIG_GLOBAL: &str = "CONFIG";
+const CONFIG_PIN: &str = "CONFIG";
 const CLOSED_MAP: &str = "CLOSED";
 const DIRTY_MAP: &str = "DIRTY";
 const TAKE_MAP: &str = "TAKE";
@@ -207,8 +216,15 @@ fn pin_error(what: &'static str, iface: &str, reason: impl ToString) -> KernelEr
 /// Where `flowmon run --persist` pins by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowmon";
 
-/// The maps that carry state across agents (the rest are per-program scratch).
-const PINNED_MAPS: [&str; 5] = [BUCKETS_MAP, STATS_MAP, CLOSED_MAP, CONFIG_MAP, DIRTY_MAP];
+/// The maps that carry state across agents (the rest are per-program
+/// scratch): each map's name and the file it is pinned as.
+const PINNED_MAPS: [(&str, &str); 5] = [
+    (BUCKETS_MAP, BUCKETS_MAP),
+    (STATS_MAP, STATS_MAP),
+    (CLOSED_MAP, CLOSED_MAP),
+    (CONFIG_MAP, CONFIG_PIN),
+    (DIRTY_MAP, DIRTY_MAP),
+];
 
 /// Maps earlier versions pinned (the LRU hash flow table, then the slots
 /// apart from their buckets), which `detach` removes too.
@@ -278,6 +294,7 @@ impl Kernel {
             });
         }
         raise_memlock_limit();
+        let pinned_config;
         let mut loader = EbpfLoader::new();
         let buckets = buckets_for(opts.max_flows);
         loader.map_max_entries(BUCKETS_MAP, buckets);
@@ -294,10 +311,20 @@ impl Kernel {
             // mismatch is then reported with the advice to detach.
             resumed = PINNED_MAPS
                 .iter()
+                .map(|(_, pin)| pin)
                 .chain(&LEGACY_PINNED_MAPS)
                 .any(|m| dir.join(m).exists());
-            for name in PINNED_MAPS {
-                loader.map_pin_path(name, dir.join(name));
+            for (name, pin) in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(pin));
+            }
+            // Loading writes a global's initial value into its map, pinned
+            // or not: the pinned config is read first and given as that
+            // value, so that the table keeps its seed, size and removals.
+            // An unreadable one is left to the load, which then reports the
+            // mismatch.
+            if let Ok(c) = read_pinned_config(&dir.join(CONFIG_PIN)) {
+                pinned_config = c;
+                loader.override_global(CONFIG_GLOBAL, &pinned_config, true);
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| match (&opts.pin, e) {
@@ -963,6 +990,13 @@ fn read_config(ebpf: &Ebpf) -> Result<Config, KernelError> {
     })
 }
 
+/// The config an earlier agent pinned at `path`.
+fn read_pinned_config(path: &Path) -> Result<Config, aya::maps::MapError> {
+    let map = aya::maps::MapData::from_pin(path)?;
+    let arr: Array<_, Config> = Array::try_from(aya::maps::Map::Array(map))?;
+    arr.get(&0, 0)
+}
+
 /// A random hash seed for a new table, from the standard library's
 /// per-process random keys (no extra dependency for 64 bits).
 fn random_seed() -> u64 {
@@ -1063,7 +1097,11 @@ pub fn detach_pinned(dir: &std::path::Path) -> Result<Vec<String>, KernelError> 
         }
         let _ = std::fs::remove_dir(&links);
     }
-    for name in PINNED_MAPS.iter().chain(&LEGACY_PINNED_MAPS) {
+    for name in PINNED_MAPS
+        .iter()
+        .map(|(_, pin)| pin)
+        .chain(&LEGACY_PINNED_MAPS)
+    {
         let path = dir.join(name);
         if path.exists() {
             std::fs::remove_file(&path).map_err(|source| KernelError::Pin {

@@ -261,4 +261,12 @@ fn a_table_pinned_with_another_layout_is_refused() {
     c.table_layout = flowmon_common::table::TABLE_LAYOUT;
     config.set(0, &c, 0).unwrap();
     assert!(Kernel::load(opts()).unwrap().resumed());
+    // Loading writes the programs' config (their global data) afresh; a
+    // resumed table keeps its own: seed, size, removals.
+    let kept = config.get(&0, 0).unwrap();
+    assert_eq!(
+        (kept.seeds, kept.buckets, kept.max_flows, kept.agent_removed),
+        (c.seeds, c.buckets, c.max_flows, c.agent_removed)
+    );
+    assert_ne!(kept.seeds, flowmon_common::table::Seeds::default());
 }
