@@ -168,9 +168,9 @@ fn kernel_cost(sizes: &[u32], repeat: u32) {
         "\n## 1. Kernel cost per packet (BPF_PROG_TEST_RUN, ns, fastest of {ROUNDS} interleaved batches of {repeat} runs)\n"
     );
     println!(
-        "| flows in table | XDP pass | XDP data | XDP SYN | XDP FIN | XDP RST | TC pass | TC data | TC SYN/FIN/RST avg | overhead XDP data | overhead XDP flags (avg) | overhead TC data | overhead XDP new connection, run once (cold) | of which creating the entry |"
+        "| flows in table | XDP pass | XDP data | XDP SYN | XDP FIN | XDP RST | TC pass | TC data | TC SYN/FIN/RST avg | overhead XDP data | overhead XDP flags (avg) | overhead TC data | overhead TC flags (avg) | overhead XDP new connection, run once (cold) | of which creating the entry |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let frames = frames();
     for &n in sizes {
         let mut k = loaded(n);
@@ -194,7 +194,7 @@ fn kernel_cost(sizes: &[u32], repeat: u32) {
         let flags_t = (tc[1] + tc[2] + tc[3]) / 3.0;
         let (new_conn, creation) = new_connection_overhead(&mut k);
         println!(
-            "| {n} | {pass_x:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {pass_t:.0} | {:.0} | {flags_t:.0} | **{:.1}** | **{:.1}** | **{:.1}** | {new_conn:.0} | {creation:.0} |",
+            "| {n} | {pass_x:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {pass_t:.0} | {:.0} | {flags_t:.0} | **{:.1}** | **{:.1}** | **{:.1}** | **{:.1}** | {new_conn:.0} | {creation:.0} |",
             xdp[0],
             xdp[1],
             xdp[2],
@@ -202,7 +202,8 @@ fn kernel_cost(sizes: &[u32], repeat: u32) {
             tc[0],
             xdp[0] - pass_x,
             flags_x - pass_x,
-            tc[0] - pass_t
+            tc[0] - pass_t,
+            flags_t - pass_t
         );
     }
 }
