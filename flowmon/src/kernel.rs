@@ -226,6 +226,14 @@ const PINNED_MAPS: [(&str, &str); 5] = [
     (DIRTY_MAP, DIRTY_MAP),
 ];
 
+/// Every file a map may be pinned as, this version's and earlier ones'.
+fn pin_files() -> impl Iterator<Item = &'static str> {
+    PINNED_MAPS
+        .iter()
+        .map(|&(_, pin)| pin)
+        .chain(LEGACY_PINNED_MAPS)
+}
+
 /// Maps earlier versions pinned (the LRU hash flow table, then the slots
 /// apart from their buckets), which `detach` removes too.
 const LEGACY_PINNED_MAPS: [&str; 2] = ["FLOWS", "SLOTS"];
@@ -294,7 +302,9 @@ impl Kernel {
             });
         }
         raise_memlock_limit();
-        let pinned_config;
+        // A pinned table's config, read before loading: loading writes a
+        // global's initial value into its map, pinned or not.
+        let mut pinned: Option<Config> = None;
         let mut loader = EbpfLoader::new();
         let buckets = buckets_for(opts.max_flows);
         loader.map_max_entries(BUCKETS_MAP, buckets);
@@ -309,22 +319,17 @@ impl Kernel {
             })?;
             // Any map pinned, this version's or an earlier one's: a
             // mismatch is then reported with the advice to detach.
-            resumed = PINNED_MAPS
-                .iter()
-                .map(|(_, pin)| pin)
-                .chain(&LEGACY_PINNED_MAPS)
-                .any(|m| dir.join(m).exists());
+            resumed = pin_files().any(|m| dir.join(m).exists());
             for (name, pin) in PINNED_MAPS {
                 loader.map_pin_path(name, dir.join(pin));
             }
-            // Loading writes a global's initial value into its map, pinned
-            // or not: the pinned config is read first and given as that
-            // value, so that the table keeps its seed, size and removals.
-            // An unreadable one is left to the load, which then reports the
-            // mismatch.
-            if let Ok(c) = read_pinned_config(&dir.join(CONFIG_PIN)) {
-                pinned_config = c;
-                loader.override_global(CONFIG_GLOBAL, &pinned_config, true);
+            // Given as the global's initial value, so that the table keeps
+            // its seed, size and removals. An unreadable one (absent, or of
+            // another layout) is left to the load, which then reports the
+            // mismatch, or to the layout check below.
+            pinned = read_pinned_config(&dir.join(CONFIG_PIN)).ok();
+            if let Some(c) = &pinned {
+                loader.override_global(CONFIG_GLOBAL, c, true);
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| match (&opts.pin, e) {
@@ -370,7 +375,7 @@ impl Kernel {
         if resumed {
             // Keep what the earlier agent recorded (its removals, the
             // table's seed and size).
-            config = read_config(&ebpf)?;
+            config = pinned.unwrap_or_default();
             if config.table_layout != TABLE_LAYOUT {
                 return Err(KernelError::PinnedLayout {
                     dir: opts.pin.clone().unwrap_or_default(),
@@ -976,20 +981,6 @@ fn map_fd<'a>(
     }
 }
 
-fn read_config(ebpf: &Ebpf) -> Result<Config, KernelError> {
-    let map = ebpf
-        .map(CONFIG_MAP)
-        .ok_or(KernelError::MapMissing { map: CONFIG_MAP })?;
-    let arr: Array<&MapData, Config> = Array::try_from(map).map_err(|source| KernelError::Map {
-        map: CONFIG_MAP,
-        source,
-    })?;
-    arr.get(&0, 0).map_err(|source| KernelError::Map {
-        map: CONFIG_MAP,
-        source,
-    })
-}
-
 /// The config an earlier agent pinned at `path`.
 fn read_pinned_config(path: &Path) -> Result<Config, aya::maps::MapError> {
     let map = aya::maps::MapData::from_pin(path)?;
@@ -1097,11 +1088,7 @@ pub fn detach_pinned(dir: &std::path::Path) -> Result<Vec<String>, KernelError> 
         }
         let _ = std::fs::remove_dir(&links);
     }
-    for name in PINNED_MAPS
-        .iter()
-        .map(|(_, pin)| pin)
-        .chain(&LEGACY_PINNED_MAPS)
-    {
+    for name in pin_files() {
         let path = dir.join(name);
         if path.exists() {
             std::fs::remove_file(&path).map_err(|source| KernelError::Pin {
