@@ -795,7 +795,7 @@ fn measure(
         let packets = warm_up();
         programs = before.map(|(t0, n0)| {
             let (t, n) = program_runs();
-            (t - t0, n - n0)
+            (t.saturating_sub(t0), n.saturating_sub(n0))
         });
         drop(stats);
         thread::sleep(Duration::from_millis(3500));
@@ -833,8 +833,10 @@ fn measure(
     }
 }
 
-/// Run time (ns) and runs of flowmon's packet programs, summed over every
-/// loaded copy (the benchmark runs one agent at a time).
+/// Run time (ns) and runs of flowmon's packet programs and of the
+/// do-nothing XDP program, summed over every loaded copy (the benchmark
+/// attaches one monitor at a time). The kernel keeps 15 characters of a
+/// program's name: `flowmon_pass_xdp` is `flowmon_pass_xd`.
 fn program_runs() -> (u64, u64) {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
