@@ -624,6 +624,13 @@ struct Sample {
     programs: Option<(u64, u64)>,
 }
 
+impl Sample {
+    /// `seconds` of CPU over this run, per million packets sent.
+    fn per_mpkt(&self, seconds: f64) -> f64 {
+        seconds / (self.sent.packets as f64 / 1e6)
+    }
+}
+
 const MONITORS: [Monitor; 7] = [
     Monitor::None,
     Monitor::XdpHook,
@@ -672,10 +679,7 @@ fn compare(
             rst: sum(&|s| s.sent.rst),
         };
         let per_mpkt = |f: &dyn Fn(usize, &Sample) -> f64| {
-            let v = runs
-                .iter()
-                .enumerate()
-                .map(|(r, s)| f(r, s) / (s.sent.packets as f64 / 1e6));
+            let v = runs.iter().enumerate().map(|(r, s)| s.per_mpkt(f(r, s)));
             format!("{:.2}", median(v.collect()))
         };
         let whole = if m == Monitor::None {
@@ -749,7 +753,7 @@ fn programs_rows(label: &str, samples: &[Vec<Sample>]) -> Vec<String> {
         }
         // A packet runs one of the programs once: ns per run is ns per
         // packet, and 1 ns per packet is 0.001 s per Mpkt.
-        let own = |s: &Sample| s.own.unwrap_or(0.0) / (s.sent.packets as f64 / 1e6);
+        let own = |s: &Sample| s.per_mpkt(s.own.unwrap_or(0.0));
         let total = |s: &Sample| own(s) + (ns(s) - floor).max(0.0) / 1000.0;
         rows.push(format!(
             "| {label} | {} | {runs_total} | {prog_ns:.0} | {:.2} | {:.2} |",
