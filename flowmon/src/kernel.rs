@@ -829,6 +829,7 @@ impl Kernel {
                 slot.seen_first_ns = [value.dir[0].first_ns, value.dir[1].first_ns];
                 slot.seen_syn = value.dir[0].syn + value.dir[1].syn;
             }
+            self.table.prefetch_takes(chunk.iter().map(|(k, _)| k));
             // A test run stops early when a signal is pending; the program's
             // cursor says where it got to. No reference into the mapping
             // is held across a run, which writes it.
