@@ -158,12 +158,12 @@ impl FlowTable {
     /// reads of the same physical lines (through the kernel's mapping of
     /// them) then hit the cache. It took the take program's share of a
     /// profile to a third, the agent's CPU a sixth (docs/performance.md).
-    pub fn prefetch_takes<'a>(&self, keys: impl Iterator<Item = &'a FlowKey> + Clone) {
-        for key in keys.clone() {
-            self.prefetch_tags(self.place(key).0);
+    pub fn prefetch_takes<'a>(&self, keys: impl Iterator<Item = &'a FlowKey>) {
+        let places: Vec<([usize; 2], u32)> = keys.map(|k| self.place(k)).collect();
+        for &(b, _) in &places {
+            self.prefetch_tags(b);
         }
-        for key in keys {
-            let (b, tag) = self.place(key);
+        for &(b, tag) in &places {
             self.prefetch_slot(b, tag);
         }
     }
