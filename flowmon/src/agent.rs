@@ -238,6 +238,7 @@ impl Agent {
         taken?;
         self.held
             .end_due(now_ns, self.timeouts.linger, flush, &mut ended);
+        self.held.shrink();
         // Held connections count as in the table: those that changed (just
         // taken, or merged into) as read, the rest as known to be there,
         // without a lookup each.

@@ -47,6 +47,13 @@ pub struct Held {
     free: Vec<u32>,
 }
 
+/// How much roomier than its connections [`Held`] may grow before
+/// [`Held::shrink`] gives the room back; below `SHRINK_FLOOR` connections
+/// it never does (the gap keeps a steady load from shrinking and growing
+/// back every poll).
+const SPARSE: usize = 8;
+const SHRINK_FLOOR: usize = 4096;
+
 #[derive(Clone, Copy)]
 struct Slot {
     at: u32,
@@ -139,6 +146,30 @@ impl Held {
             }
             !due
         });
+    }
+
+    /// Gives back what a burst grew once most of it has ended: the map
+    /// never shrinks by itself, and the slab's free slots are reused in the
+    /// order they were freed. The few thousand connections held after a
+    /// burst of a hundred thousand were spread over a map and a slab sized
+    /// for the burst (16 MB), a cache miss each in every pass over them:
+    /// shrinking took a quarter off the agent's CPU on the connections
+    /// after such a burst (docs/performance.md). The survivors move to a
+    /// slab of their own, in the map's order.
+    pub fn shrink(&mut self) {
+        let live = self.index.len();
+        let roomy = SPARSE * live.max(SHRINK_FLOOR);
+        if self.slab.len() <= roomy && self.index.capacity() <= roomy {
+            return;
+        }
+        let mut slab = Vec::with_capacity(2 * live);
+        for s in self.index.values_mut() {
+            slab.push(self.slab[s.at as usize]);
+            s.at = (slab.len() - 1) as u32;
+        }
+        self.slab = slab;
+        self.free = Vec::new();
+        self.index.shrink_to(2 * live);
     }
 
     /// Splits the held connections for this poll's accounting: those added
@@ -298,5 +329,32 @@ mod tests {
         let mut out = Vec::new();
         h.end_due(0, Duration::ZERO, true, &mut out);
         assert_eq!(out.len(), 2, "a flush ends them all");
+    }
+
+    #[test]
+    fn a_burst_s_room_is_given_back_and_the_survivors_keep_their_values() {
+        let mut h = Held::default();
+        let n = (SPARSE * SHRINK_FLOOR) as u16 + 100;
+        for p in 0..n {
+            h.hold(key(p), value(u64::from(p) + 1, S, 0));
+        }
+        // All but five end: the room stays until `shrink`.
+        for p in 5..n {
+            assert!(h.end(&key(p)).is_some());
+        }
+        assert_eq!(h.slab.len(), usize::from(n));
+        h.shrink();
+        assert_eq!((h.len(), h.slab.len(), h.free.len()), (5, 5, 0));
+        assert!(h.index.capacity() < 64, "{}", h.index.capacity());
+        for p in 0..5 {
+            assert_eq!(
+                h.end(&key(p)),
+                Some((key(p), value(u64::from(p) + 1, S, 0)))
+            );
+        }
+        // A steady few are left alone: no copy each poll.
+        h.hold(key(1), value(1, S, 0));
+        h.shrink();
+        assert_eq!(h.slab.len(), 5);
     }
 }
