@@ -302,7 +302,7 @@ impl Metrics {
         for r in closed {
             self.closed
                 .get_or_create(&vec![
-                    ("iface", r.iface.clone()),
+                    ("iface", r.iface.to_string()),
                     ("class", r.close.as_str().to_string()),
                 ])
                 .inc();

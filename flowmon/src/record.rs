@@ -2,7 +2,7 @@
 //! class and Zeek's state, rendered as a flat JSON object or a table row.
 //! Every field carries its one vocabulary name, shared with the filters.
 
-use std::{collections::HashMap, fmt::Write as _, net::IpAddr};
+use std::{collections::HashMap, fmt::Write as _, net::IpAddr, sync::Arc};
 
 use flowmon_common::flow::{FlowKey, FlowValue};
 use serde_json::{Map, Value, json};
@@ -16,7 +16,9 @@ use crate::{
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConnRecord {
     pub conn: Conn,
-    pub iface: String,
+    /// Shared by every record of the interface: a poll makes thousands of
+    /// records, and a copy of the name each was an allocation each.
+    pub iface: Arc<str>,
     pub close: Close,
     pub closed_by: ClosedBy,
     /// Unix seconds of the first and last packet.
@@ -27,7 +29,7 @@ pub struct ConnRecord {
 impl ConnRecord {
     /// Classifies `conn` as of `now_ns` (the packets' clock); `offset_ns`
     /// turns that clock into Unix time (0 for capture timestamps).
-    pub fn new(conn: Conn, iface: String, now_ns: u64, t: &Timeouts, offset_ns: i128) -> Self {
+    pub fn new(conn: Conn, iface: Arc<str>, now_ns: u64, t: &Timeouts, offset_ns: i128) -> Self {
         let (close, closed_by) = conn.classify(now_ns, t);
         Self {
             first_seen: unix_secs(conn.first_ns(), offset_ns),
@@ -72,7 +74,7 @@ impl ConnRecord {
     ) -> Self {
         Self {
             conn,
-            iface,
+            iface: iface.into(),
             close,
             closed_by,
             first_seen,
@@ -94,7 +96,7 @@ impl ConnRecord {
         put("client.port", json!(cport));
         put("server.ip", json!(sip.to_string()));
         put("server.port", json!(sport));
-        put("iface", json!(self.iface));
+        put("iface", json!(&*self.iface));
         put("vlan", json!(c.key.vlan));
         put("first_seen", json!(self.first_seen));
         put("last_seen", json!(self.last_seen));
@@ -180,7 +182,7 @@ pub fn table(records: &[ConnRecord]) -> String {
                 endpoint(cip, cport),
                 if c.direction_guessed { "?>" } else { "->" }.to_string(),
                 endpoint(sip, sport),
-                r.iface.clone(),
+                r.iface.to_string(),
                 format!("{}/{}", clt.packets, srv.packets),
                 format!("{}/{}", clt.syn, srv.synack),
                 format!("{}/{}", clt.fin, srv.fin),
@@ -257,12 +259,13 @@ pub fn extend_sorted(
         .collect();
     keys.sort_unstable();
     records.reserve(keys.len());
+    let mut ifaces: Vec<(u32, Arc<str>)> = Vec::new();
     for key in &keys {
         let i = key.5 as usize;
         let (k, v) = ended.get(i).unwrap_or_else(|| &evicted[i - ended.len()]);
         let mut r = ConnRecord::new(
             Conn::new(*k, *v),
-            iface_name(names, k.ifindex),
+            shared_name(&mut ifaces, names, k.ifindex),
             now_ns,
             t,
             offset_ns,
@@ -277,6 +280,21 @@ pub fn extend_sorted(
 /// Seconds since the Unix epoch of `ns` on a clock `offset_ns` behind it.
 fn unix_secs(ns: u64, offset_ns: i128) -> f64 {
     (i128::from(ns) + offset_ns) as f64 / 1e9
+}
+
+/// Interface `ifindex`'s name, made once per call of [`extend_sorted`] and
+/// shared by its records (a poll's records come from a few interfaces).
+fn shared_name(
+    made: &mut Vec<(u32, Arc<str>)>,
+    names: &HashMap<u32, String>,
+    ifindex: u32,
+) -> Arc<str> {
+    if let Some((_, name)) = made.iter().find(|(i, _)| *i == ifindex) {
+        return name.clone();
+    }
+    let name: Arc<str> = iface_name(names, ifindex).into();
+    made.push((ifindex, name.clone()));
+    name
 }
 
 fn iface_name(names: &HashMap<u32, String>, ifindex: u32) -> String {
@@ -364,7 +382,7 @@ mod tests {
                 (1, 4, want[6].close),
             ]
         );
-        assert!(got[..].iter().all(|r| r.iface == "veth0"));
+        assert!(got[..].iter().all(|r| &*r.iface == "veth0"));
     }
 
     #[test]
