@@ -97,6 +97,9 @@ pub struct Agent {
     dirty_lost: u64,
     /// Polls that read only part of the table.
     pub partial_polls: u64,
+    /// Polls that found by the counters that the table was empty, and did
+    /// not read it.
+    pub empty_polls: u64,
     /// The connections a poll takes out of the table, and whether each is
     /// to be held (kept for their buffers).
     due: Vec<(FlowKey, FlowValue)>,
@@ -144,6 +147,7 @@ impl Agent {
             cursor: None,
             dirty_lost: 0,
             partial_polls: 0,
+            empty_polls: 0,
             due: Vec::new(),
             hold: Vec::new(),
             held: Held::default(),
@@ -324,10 +328,18 @@ impl Agent {
                 self.kernel.drain_dirty();
             }
             self.cursor = None;
+            let mut entries = std::mem::take(&mut self.spare);
+            if self.in_table(totals) == Some(0) {
+                // A whole read costs the table's size, not what it holds:
+                // the tags of every bucket, each on a page of its own
+                // (1.3 ms a poll for the default table, empty).
+                self.empty_polls += 1;
+                entries.clear();
+            } else {
+                entries = self.kernel.flows_into(entries, self.expected(totals))?;
+            }
             return Ok(Read {
-                entries: self
-                    .kernel
-                    .flows_into(std::mem::take(&mut self.spare), self.expected(totals))?,
+                entries,
                 part: None,
             });
         }
@@ -371,9 +383,20 @@ impl Agent {
     /// overestimate, the capacity bounds it), plus the held connections the
     /// poll appends: what a whole read reserves.
     fn expected(&self, totals: &[u64; STAT_COUNT as usize]) -> usize {
-        let in_table =
-            totals[STAT_FLOWS_CREATED as usize].saturating_sub(self.kernel.agent_removed());
+        let in_table = self.in_table(totals).unwrap_or(0);
         in_table.min(u64::from(self.kernel.capacity())) as usize + self.held.len()
+    }
+
+    /// At most how many entries the table holds, from the counters: what
+    /// the programs created and the benchmarks inserted, less what the
+    /// agent removed (an eviction replaces an entry but counts as created,
+    /// so this is never less than the truth; a trailing packet's entry
+    /// counts as created too). `None` when the counters disagree (more
+    /// removed than created, as if the statistics had been lost under a
+    /// kept table), and then nothing can be told from them.
+    fn in_table(&self, totals: &[u64; STAT_COUNT as usize]) -> Option<u64> {
+        (totals[STAT_FLOWS_CREATED as usize] + self.kernel.user_inserted())
+            .checked_sub(self.kernel.agent_removed())
     }
 
     /// Reads incrementally past `full_scan_limit` tracked connections and

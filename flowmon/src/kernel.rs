@@ -263,6 +263,9 @@ pub struct Kernel {
     pinned_links: Vec<PinnedLink>,
     /// The flow table, mapped.
     table: FlowTable,
+    /// Entries [`Kernel::insert_flow`] put in the table, which the
+    /// programs' count of the entries they created leaves out.
+    user_inserted: u64,
     /// The take program's batch, mapped here.
     take: std::sync::Mutex<crate::bpfsys::Mapped<TakeBatch>>,
 }
@@ -408,6 +411,7 @@ impl Kernel {
             resumed,
             pinned_links: Vec::new(),
             table,
+            user_inserted: 0,
             take: std::sync::Mutex::new(take),
         };
         if opts.kernel_log {
@@ -725,7 +729,13 @@ impl Kernel {
     /// Inserts an entry from user space (benchmarks fill the table this way).
     pub fn insert_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<(), KernelError> {
         self.table.insert(key, value);
+        self.user_inserted += 1;
         Ok(())
+    }
+
+    /// Entries [`Kernel::insert_flow`] put in the table.
+    pub fn user_inserted(&self) -> u64 {
+        self.user_inserted
     }
 
     /// Kernel memory charged to the flow table (the `memlock` of its map).

@@ -681,6 +681,69 @@ fn a_poll_takes_finished_connections_in_batches() {
     assert_eq!(agent.kernel.agent_removed(), 1_300);
 }
 
+/// A poll that the counters show nothing can be in the table does not read
+/// it (a whole read costs the table's size), and misses nothing by it: a
+/// connection created after it, a trailing packet's entry and an entry put
+/// in from user space are all read by the next poll.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_poll_skips_reading_a_table_the_counters_show_empty() {
+    use flowmon::{agent::Agent, close::Timeouts};
+    const S: u64 = 1_000_000_000;
+    let (c, s) = (ip("10.8.0.2"), ip("10.8.0.1"));
+    let mut agent = Agent::new(load(), Timeouts::default());
+    let names = std::collections::HashMap::new();
+    let refused = |port: u16| {
+        [
+            Frame::tcp(c, port, s, 80, TCP_SYN),
+            Frame::tcp(s, 80, c, port, TCP_RST | TCP_ACK),
+        ]
+    };
+    let p = agent.poll(S, 1_000, &names, false).unwrap();
+    assert_eq!((p.poll.flows_active, agent.empty_polls), (0, 1));
+    // A refused connection: read, taken and held through its linger.
+    send(&mut agent, S, &refused(40_000));
+    let p = agent.poll(2 * S, 2_000, &names, false).unwrap();
+    assert_eq!((p.poll.flows_new, agent.empty_polls), (1, 1));
+    assert_eq!(agent.kernel.agent_removed(), 1);
+    // Taken: created 1, removed 1, so the next poll reads nothing.
+    let p = agent.poll(2 * S + 1, 2_001, &names, false).unwrap();
+    assert_eq!((p.poll.flows_new, agent.empty_polls), (0, 2));
+    // A trailing RST makes an entry again: read and merged into the held one.
+    send(
+        &mut agent,
+        2 * S + 2,
+        &[Frame::tcp(s, 80, c, 40_000, TCP_RST)],
+    );
+    let p = agent.poll(2 * S + 3, 2_002, &names, false).unwrap();
+    assert_eq!((p.poll.delta.rst, agent.empty_polls), (1, 2));
+    // A new connection is read, and so is an entry put in from user space.
+    send(
+        &mut agent,
+        2 * S + 4,
+        &[Frame::tcp(c, 40_001, s, 80, TCP_SYN)],
+    );
+    let p = agent.poll(2 * S + 5, 2_003, &names, false).unwrap();
+    assert_eq!((p.poll.flows_new, agent.empty_polls), (1, 2));
+    let mut key = only_flow(&agent.kernel).0;
+    key.port_b = 40_002;
+    // Side A is the server (the lower address): the client's SYN is B to A.
+    let mut v = FlowValue::default();
+    let d = &mut v.dir[DIR_B_TO_A];
+    (d.packets, d.syn, d.first_ns, d.last_ns) = (1, 1, 2 * S + 6, 2 * S + 6);
+    agent.kernel.insert_flow(&key, &v).unwrap();
+    let p = agent.poll(2 * S + 7, 2_004, &names, false).unwrap();
+    assert_eq!(
+        (p.poll.flows_new, p.poll.flows_active, agent.empty_polls),
+        (1, 3, 2)
+    );
+    // Everything reported at the end, once each.
+    let p = agent.poll(10 * S, 10_000, &names, true).unwrap();
+    let mut ports: Vec<u16> = p.closed.iter().map(|r| r.conn.client().1).collect();
+    ports.sort_unstable();
+    assert_eq!(ports, [40_000, 40_001, 40_002]);
+}
+
 /// A final connection leaves the table at once and waits out its linger in
 /// the agent: a trailing packet's new entry is merged into it, a SYN on its
 /// tuple starts a new connection (read, or retired by the kernel), and the
