@@ -378,10 +378,9 @@ impl Agent {
         })
     }
 
-    /// About how many entries the table holds, from the kernel's counters
-    /// (created, less what the agent removed; evictions make it an
-    /// overestimate, the capacity bounds it), plus the held connections the
-    /// poll appends: what a whole read reserves.
+    /// About how many entries the table holds ([`Agent::in_table`], which
+    /// the capacity bounds), plus the held connections the poll appends:
+    /// what a whole read reserves.
     fn expected(&self, totals: &[u64; STAT_COUNT as usize]) -> usize {
         let in_table = self.in_table(totals).unwrap_or(0);
         in_table.min(u64::from(self.kernel.capacity())) as usize + self.held.len()

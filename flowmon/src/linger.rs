@@ -153,9 +153,10 @@ impl Held {
     /// order they were freed. The few thousand connections held after a
     /// burst of a hundred thousand were spread over a map and a slab sized
     /// for the burst (16 MB), a cache miss each in every pass over them:
-    /// shrinking took a quarter off the agent's CPU on the connections
-    /// after such a burst (docs/performance.md). The survivors move to a
-    /// slab of their own, in the map's order.
+    /// shrinking took about a sixth off the agent's CPU on the connections
+    /// after such a burst (medians of 13 alternating runs,
+    /// docs/performance.md). The survivors move to a slab of their own, in
+    /// the map's order.
     pub fn shrink(&mut self) {
         let live = self.index.len();
         let roomy = SPARSE * live.max(SHRINK_FLOOR);
