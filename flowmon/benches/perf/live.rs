@@ -22,10 +22,18 @@ use flowmon_common::{
     craft::Frame,
 };
 
+#[path = "taps.rs"]
+mod taps;
+use taps::Tap;
+
 const CLT_NS: &str = "fmbench-c";
 const SRV_NS: &str = "fmbench-s";
 const CLT_IF: &str = "fmbc";
 const SRV_IF: &str = "fmbs";
+/// A second pair nobody captures on, beside the first: the libpcap peers'
+/// kernel side is measured against it (taps).
+const TWIN_CLT_IF: &str = "fmbc2";
+const TWIN_IF: &str = "fmbs2";
 /// Addresses for the real connections (the replayed capture uses others,
 /// which nobody has).
 const CLT_ADDR: &str = "10.252.0.2";
@@ -93,10 +101,20 @@ impl Net {
                 .status();
             sh(&["ip", "netns", "add", ns]);
         }
-        sh(&[
-            "ip", "link", "add", CLT_IF, "netns", CLT_NS, "type", "veth", "peer", "name", SRV_IF,
-            "netns", SRV_NS,
-        ]);
+        for (c, s) in [(CLT_IF, SRV_IF), (TWIN_CLT_IF, TWIN_IF)] {
+            sh(&[
+                "ip", "link", "add", c, "netns", CLT_NS, "type", "veth", "peer", "name", s,
+                "netns", SRV_NS,
+            ]);
+        }
+        // The twin as the first pair, but without addresses.
+        for (ns, i) in [(CLT_NS, TWIN_CLT_IF), (SRV_NS, TWIN_IF)] {
+            sh(&[
+                "ip", "netns", "exec", ns, "ethtool", "-K", i, "tso", "off", "gso", "off", "gro",
+                "off",
+            ]);
+            sh(&["ip", "-n", ns, "link", "set", i, "up"]);
+        }
         for (ns, i, addr) in [(CLT_NS, CLT_IF, CLT_ADDR), (SRV_NS, SRV_IF, SRV_ADDR)] {
             sh(&[
                 "ip",
@@ -656,6 +674,7 @@ fn compare(
     label: &str,
     mut warm_up: Option<&mut dyn FnMut() -> u64>,
     rounds: usize,
+    taps: &[Tap],
     mut load: impl FnMut(Monitor) -> Load,
 ) -> Vec<String> {
     let mut samples: Vec<Vec<Sample>> = (0..MONITORS.len()).map(|_| Vec::new()).collect();
@@ -668,7 +687,7 @@ fn compare(
         }
     }
     let median = super::median;
-    let programs = programs_rows(label, &samples);
+    let programs = programs_rows(label, &samples, taps);
     for (i, &m) in MONITORS.iter().enumerate() {
         let runs = &samples[i];
         let sum = |f: &dyn Fn(&Sample) -> u64| runs.iter().map(f).sum::<u64>();
@@ -724,7 +743,7 @@ fn compare(
 /// flowmon row's processes plus its programs' time beyond the do-nothing
 /// program's. The do-nothing program's own figure is what the statistics
 /// cost (two clock reads a run, ~50 ns in this VM), not the hook's.
-fn programs_rows(label: &str, samples: &[Vec<Sample>]) -> Vec<String> {
+fn programs_rows(label: &str, samples: &[Vec<Sample>], taps: &[Tap]) -> Vec<String> {
     let median = super::median;
     let ns = |s: &Sample| s.programs.map_or(0.0, |(t, n)| t as f64 / n.max(1) as f64);
     let measured = |runs: &[Sample]| runs.iter().all(|s| s.programs.is_some_and(|(_, n)| n > 0));
@@ -734,8 +753,20 @@ fn programs_rows(label: &str, samples: &[Vec<Sample>]) -> Vec<String> {
         .filter(|&i| measured(&samples[i]))
         .map_or(0.0, |i| median(samples[i].iter().map(ns).collect()));
     let mut rows = Vec::new();
+    let own = |s: &Sample| s.per_mpkt(s.own.unwrap_or(0.0));
     for (i, &m) in MONITORS.iter().enumerate() {
         let runs = &samples[i];
+        if let Some(tap) = taps.iter().find(|t| t.monitor == m) {
+            // A packet crosses the tap once: ns per packet, 0.001 s per Mpkt each.
+            let own = median(runs.iter().map(own).collect());
+            rows.push(format!(
+                "| {label} | {} | - | {:.0} (floor) | {own:.2} | {:.2} |",
+                m.name(),
+                tap.ns(),
+                own + tap.ns() / 1000.0
+            ));
+            continue;
+        }
         if !measured(runs) {
             continue;
         }
@@ -753,7 +784,6 @@ fn programs_rows(label: &str, samples: &[Vec<Sample>]) -> Vec<String> {
         }
         // A packet runs one of the programs once: ns per run is ns per
         // packet, and 1 ns per packet is 0.001 s per Mpkt.
-        let own = |s: &Sample| s.per_mpkt(s.own.unwrap_or(0.0));
         let total = |s: &Sample| own(s) + (ns(s) - floor).max(0.0) / 1000.0;
         rows.push(format!(
             "| {label} | {} | {runs_total} | {prog_ns:.0} | {:.2} | {:.2} |",
@@ -772,7 +802,7 @@ fn print_programs(rows: &[String]) {
         return;
     }
     println!(
-        "\nflowmon's own CPU per packet, attributed: its programs' run time in the live path, from the kernel's run-time statistics (`BPF_ENABLE_STATS`), on during each warm-up only (the same load, unmeasured), as they time every run; and its processes (as above). The do-nothing program's figure is what the statistics themselves cost per run, taken off flowmon's. The libpcap peers' kernel side (the copy into their ring) is not counted for them.\n\n| warm-ups of the row | monitor | program runs (warm-ups) | ns per packet, programs (live, with the statistics) | its processes, s per Mpkt | processes + programs beyond the statistics, s per Mpkt |\n|---:|---|---:|---:|---:|---:|"
+        "\nCPU per packet, attributed: each monitor's processes (as above) and its kernel side, which no process is charged with. flowmon: its programs' run time in the live path, from the kernel's run-time statistics (`BPF_ENABLE_STATS`), on during each warm-up only (the same load, unmeasured), as they time every run; the do-nothing program's figure is what the statistics themselves cost per run, taken off flowmon's. The libpcap peers: their packet socket's cost per received packet from the live-frames table above, a floor (warm caches, repeated frames).\n\n| warm-ups of the row | monitor | program runs (warm-ups) | ns per packet, kernel side (flowmon: live, with the statistics) | its processes, s per Mpkt | processes + kernel side (flowmon: beyond the statistics), s per Mpkt |\n|---:|---|---:|---:|---:|---:|"
     );
     for r in rows {
         println!("{r}");
@@ -863,11 +893,16 @@ pub fn live(conns: u32, rates: &[u32], real_conns: u32, quick: bool) {
     println!("\n## 4. Live traffic against libpcap peers (over a veth pair)\n");
     let net = Net::new();
     let dir = tempfile::tempdir().unwrap();
+    let taps = taps::measure(
+        dir.path(),
+        &[Monitor::Tcpdump, Monitor::Pmacct],
+        if quick { 11 } else { 31 },
+    );
     if !rates.is_empty() {
-        replayed(dir.path(), conns, rates, quick);
+        replayed(dir.path(), conns, rates, quick, &taps);
     }
     if real_conns > 0 {
-        real(dir.path(), real_conns, quick);
+        real(dir.path(), real_conns, quick, &taps);
     }
     drop(net);
 }
@@ -881,7 +916,7 @@ const TOP_SPEED_ROUNDS: usize = 3;
 
 /// The replayed capture of `conns` synthetic connections, at each of `rates`
 /// (0: top speed).
-fn replayed(dir: &Path, conns: u32, rates: &[u32], quick: bool) {
+fn replayed(dir: &Path, conns: u32, rates: &[u32], quick: bool, taps: &[Tap]) {
     let pcap = dir.join("synthetic.pcap");
     let server: IpAddr = "10.253.0.1".parse().unwrap();
     let sent = write_capture(&pcap, conns, server);
@@ -920,6 +955,7 @@ fn replayed(dir: &Path, conns: u32, rates: &[u32], quick: bool) {
             &label,
             Some(&mut || replay(&warm_up, 0).0),
             rounds,
+            taps,
             |_| {
                 let (packets, rate) = replay(&pcap, pps);
                 Load {
@@ -935,7 +971,7 @@ fn replayed(dir: &Path, conns: u32, rates: &[u32], quick: bool) {
 }
 
 /// `real_conns` real TCP connections per run, rounds of every monitor.
-fn real(dir: &Path, real_conns: u32, quick: bool) {
+fn real(dir: &Path, real_conns: u32, quick: bool, taps: &[Tap]) {
     println!(
         "\n### Real TCP connections\n\n{real_conns} connections per run, one after another as fast as one client thread opens them: the client sends 100 bytes, the server reads them and closes, the client closes. What was sent is read from a capture on the client's side. As with the replay, each monitor is first warmed up, unmeasured, then the linger passes (steady state): here with {REAL_WARM_UP} connections to other ports, as many as flowmon's agent keeps for queries (`--keep`), so that its queue of them is full.\n"
     );
@@ -954,6 +990,7 @@ fn real(dir: &Path, real_conns: u32, quick: bool) {
         "max",
         Some(&mut || warm_up_real(dir, &next_port)),
         if quick { 1 } else { REAL_ROUNDS },
+        taps,
         |_| real_connections(dir, real_conns, next_port()),
     );
     print_programs(&programs);
