@@ -58,6 +58,7 @@ pub fn measure(dir: &std::path::Path, peers: &[Monitor], batches: usize) -> Vec<
         );
         taps.push(tap);
     }
+    println!();
     taps
 }
 
