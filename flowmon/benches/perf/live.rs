@@ -7,7 +7,10 @@
 //! counted against what was sent, and the CPU the whole machine spent beyond
 //! the baseline run per million packets, and the monitor's own processes'.
 //! flowmon's kernel programs run in softirq context, where no process is
-//! charged, which is why the whole machine's CPU is compared.
+//! charged, which is why the whole machine's CPU is compared, and each
+//! monitor's kernel side is attributed to it in a table of its own
+//! (flowmon's programs' live run time, the peers' packet sockets from
+//! taps).
 
 use std::{
     net::IpAddr,
@@ -742,7 +745,9 @@ fn compare(
 /// per packet during the warm-ups (medians over the rounds), and each
 /// flowmon row's processes plus its programs' time beyond the do-nothing
 /// program's. The do-nothing program's own figure is what the statistics
-/// cost (two clock reads a run, ~50 ns in this VM), not the hook's.
+/// cost (two clock reads a run, ~50 ns in this VM), not the hook's. Each
+/// libpcap peer's row: its processes plus its packet socket's cost from
+/// `taps`.
 fn programs_rows(label: &str, samples: &[Vec<Sample>], taps: &[Tap]) -> Vec<String> {
     let median = super::median;
     let ns = |s: &Sample| s.programs.map_or(0.0, |(t, n)| t as f64 / n.max(1) as f64);
