@@ -332,7 +332,8 @@ impl Agent {
             if self.in_table(totals) == Some(0) {
                 // A whole read costs the table's size, not what it holds:
                 // the tags of every bucket, each on a page of its own
-                // (1.3 ms a poll for the default table, empty).
+                // (0.3-0.5 ms a poll for the default table, empty: section
+                // 2 of the benchmark).
                 self.empty_polls += 1;
                 entries.clear();
             } else {

@@ -110,32 +110,32 @@ impl Net {
                 "netns", SRV_NS,
             ]);
         }
-        // The twin as the first pair, but without addresses.
-        for (ns, i) in [(CLT_NS, TWIN_CLT_IF), (SRV_NS, TWIN_IF)] {
-            sh(&[
-                "ip", "netns", "exec", ns, "ethtool", "-K", i, "tso", "off", "gso", "off", "gro",
-                "off",
-            ]);
-            sh(&["ip", "-n", ns, "link", "set", i, "up"]);
-        }
-        for (ns, i, addr) in [(CLT_NS, CLT_IF, CLT_ADDR), (SRV_NS, SRV_IF, SRV_ADDR)] {
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                i,
-            ]);
+        // The twin is set up as the first pair, but without addresses.
+        for (ns, i, addr) in [
+            (CLT_NS, CLT_IF, Some(CLT_ADDR)),
+            (SRV_NS, SRV_IF, Some(SRV_ADDR)),
+            (CLT_NS, TWIN_CLT_IF, None),
+            (SRV_NS, TWIN_IF, None),
+        ] {
+            if let Some(addr) = addr {
+                sh(&[
+                    "ip",
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{addr}/24"),
+                    "dev",
+                    i,
+                ]);
+                sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            }
             // Segments as they go on a wire, as in flowmon's own tests.
             sh(&[
                 "ip", "netns", "exec", ns, "ethtool", "-K", i, "tso", "off", "gso", "off", "gro",
                 "off",
             ]);
             sh(&["ip", "-n", ns, "link", "set", i, "up"]);
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
         // Room for every run's connections without reusing a port.
         sh(&[
