@@ -640,9 +640,9 @@ struct Sample {
     /// for the hook alone).
     own: Option<f64>,
     /// flowmon's packet programs during the warm-up: run time (ns) and
-    /// runs, from the kernel's statistics. They run in softirq context,
-    /// charged to no process.
-    programs: Option<(u64, u64)>,
+    /// runs of each of [`PROGRAMS`], from the kernel's statistics. They run
+    /// in softirq context, charged to no process.
+    programs: Option<Runs>,
 }
 
 impl Sample {
@@ -741,8 +741,9 @@ fn compare(
     programs
 }
 
-/// The rows of [`print_programs`] for one load: each program's run time
-/// per packet during the warm-ups (medians over the rounds), and each
+/// The rows of [`print_programs`] for one load: each monitor's programs'
+/// run time per packet during the warm-ups (medians over the rounds), and
+/// each of flowmon's programs per run of its own, and each
 /// flowmon row's processes plus its programs' time beyond the do-nothing
 /// program's. The do-nothing program's own figure is what the statistics
 /// cost (two clock reads a run, ~50 ns in this VM), not the hook's. Each
@@ -750,8 +751,16 @@ fn compare(
 /// `taps`.
 fn programs_rows(label: &str, samples: &[Vec<Sample>], taps: &[Tap]) -> Vec<String> {
     let median = super::median;
-    let ns = |s: &Sample| s.programs.map_or(0.0, |(t, n)| t as f64 / n.max(1) as f64);
-    let measured = |runs: &[Sample]| runs.iter().all(|s| s.programs.is_some_and(|(_, n)| n > 0));
+    let ns = |s: &Sample| {
+        s.programs.map_or(0.0, |r| {
+            let (t, n) = total(&r);
+            t as f64 / n.max(1) as f64
+        })
+    };
+    let measured = |runs: &[Sample]| {
+        runs.iter()
+            .all(|s| s.programs.is_some_and(|r| total(&r).1 > 0))
+    };
     let floor = MONITORS
         .iter()
         .position(|&m| m == Monitor::XdpHook)
@@ -765,7 +774,7 @@ fn programs_rows(label: &str, samples: &[Vec<Sample>], taps: &[Tap]) -> Vec<Stri
             // A packet crosses the tap once: ns per packet, 0.001 s per Mpkt each.
             let own = median(runs.iter().map(own).collect());
             rows.push(format!(
-                "| {label} | {} | - | {:.0} (floor) | {own:.2} | {:.2} |",
+                "| {label} | {} | - | {:.0} (floor) | - | {own:.2} | {:.2} |",
                 m.name(),
                 tap.ns(),
                 own + tap.ns() / 1000.0
@@ -777,21 +786,39 @@ fn programs_rows(label: &str, samples: &[Vec<Sample>], taps: &[Tap]) -> Vec<Stri
         }
         let runs_total = runs
             .iter()
-            .map(|s| s.programs.map_or(0, |p| p.1))
+            .map(|s| s.programs.map_or(0, |r| total(&r).1))
             .sum::<u64>();
         let prog_ns = median(runs.iter().map(ns).collect());
         if m == Monitor::XdpHook {
             rows.push(format!(
-                "| {label} | {} | {runs_total} | {prog_ns:.0} | - | - |",
+                "| {label} | {} | {runs_total} | {prog_ns:.0} | - | - | - |",
                 m.name()
             ));
             continue;
         }
+        // Each program apart (medians): the one that sees a connection's
+        // first packet makes its entry, the first touch of a bucket's
+        // lines, and costs several times the other (docs/performance.md).
+        let by_program = PROGRAMS[..2]
+            .iter()
+            .enumerate()
+            .filter_map(|(p, name)| {
+                let per = |s: &Sample| s.programs.map(|r| r[p]).filter(|&(_, n)| n > 0);
+                runs.iter().all(|s| per(s).is_some()).then(|| {
+                    let v = runs
+                        .iter()
+                        .filter_map(per)
+                        .map(|(t, n)| t as f64 / n as f64);
+                    format!("{name} {:.0}", median(v.collect()))
+                })
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         // A packet runs one of the programs once: ns per run is ns per
         // packet, and 1 ns per packet is 0.001 s per Mpkt.
         let total = |s: &Sample| own(s) + (ns(s) - floor).max(0.0) / 1000.0;
         rows.push(format!(
-            "| {label} | {} | {runs_total} | {prog_ns:.0} | {:.2} | {:.2} |",
+            "| {label} | {} | {runs_total} | {prog_ns:.0} | {by_program} | {:.2} | {:.2} |",
             m.name(),
             median(runs.iter().map(own).collect()),
             median(runs.iter().map(total).collect()),
@@ -807,7 +834,7 @@ fn print_programs(rows: &[String]) {
         return;
     }
     println!(
-        "\nCPU per packet, attributed: each monitor's processes (as above) and its kernel side, which no process is charged with. flowmon: its programs' run time in the live path, from the kernel's run-time statistics (`BPF_ENABLE_STATS`), on during each warm-up only (the same load, unmeasured), as they time every run; the do-nothing program's figure is what the statistics themselves cost per run, taken off flowmon's. The libpcap peers: their packet socket's cost per received packet from the live-frames table above, a floor (warm caches, repeated frames).\n\n| warm-ups of the row | monitor | program runs (warm-ups) | ns per packet, kernel side (flowmon: live, with the statistics) | its processes, s per Mpkt | processes + kernel side (flowmon: beyond the statistics), s per Mpkt |\n|---:|---|---:|---:|---:|---:|"
+        "\nCPU per packet, attributed: each monitor's processes (as above) and its kernel side, which no process is charged with. flowmon: its programs' run time in the live path, from the kernel's run-time statistics (`BPF_ENABLE_STATS`), on during each warm-up only (the same load, unmeasured), as they time every run; the do-nothing program's figure is what the statistics themselves cost per run, taken off flowmon's. The libpcap peers: their packet socket's cost per received packet from the live-frames table above, a floor (warm caches, repeated frames).\n\n| warm-ups of the row | monitor | program runs (warm-ups) | ns per packet, kernel side (flowmon: live, with the statistics) | each program, ns per run (with the statistics) | its processes, s per Mpkt | processes + kernel side (flowmon: beyond the statistics), s per Mpkt |\n|---:|---|---:|---:|---|---:|---:|"
     );
     for r in rows {
         println!("{r}");
@@ -832,9 +859,14 @@ fn measure(
             .flatten();
         let before = stats.as_ref().map(|_| program_runs());
         let packets = warm_up();
-        programs = before.map(|(t0, n0)| {
-            let (t, n) = program_runs();
-            (t.saturating_sub(t0), n.saturating_sub(n0))
+        programs = before.map(|r0| {
+            let r = program_runs();
+            std::array::from_fn(|p| {
+                (
+                    r[p].0.saturating_sub(r0[p].0),
+                    r[p].1.saturating_sub(r0[p].1),
+                )
+            })
         });
         drop(stats);
         thread::sleep(Duration::from_millis(3500));
@@ -872,22 +904,29 @@ fn measure(
     }
 }
 
-/// Run time (ns) and runs of flowmon's packet programs and of the
-/// do-nothing XDP program, summed over every loaded copy (the benchmark
-/// attaches one monitor at a time). The kernel keeps 15 characters of a
-/// program's name: `flowmon_pass_xdp` is `flowmon_pass_xd`.
-fn program_runs() -> (u64, u64) {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| {
-            matches!(
-                p.name_as_str(),
-                Some("flowmon_xdp" | "flowmon_tc" | "flowmon_pass_xd")
-            )
-        })
-        .fold((0, 0), |(t, n), p| {
-            (t + p.run_time().as_nanos() as u64, n + p.run_count())
-        })
+/// flowmon's packet programs and the do-nothing XDP program, as the kernel
+/// names them: it keeps 15 characters, `flowmon_pass_xdp` is
+/// `flowmon_pass_xd`.
+const PROGRAMS: [&str; 3] = ["flowmon_xdp", "flowmon_tc", "flowmon_pass_xd"];
+
+/// Run time (ns) and runs of each of [`PROGRAMS`].
+type Runs = [(u64, u64); 3];
+
+fn total(r: &Runs) -> (u64, u64) {
+    r.iter().fold((0, 0), |(t, n), p| (t + p.0, n + p.1))
+}
+
+/// [`Runs`] now, each summed over every loaded copy (the benchmark
+/// attaches one monitor at a time).
+fn program_runs() -> Runs {
+    let mut r = Runs::default();
+    for p in aya::programs::loaded_programs().filter_map(Result::ok) {
+        if let Some(i) = PROGRAMS.iter().position(|&n| Some(n) == p.name_as_str()) {
+            r[i].0 += p.run_time().as_nanos() as u64;
+            r[i].1 += p.run_count();
+        }
+    }
+    r
 }
 
 const TABLE_HEAD: &str = "| rate | monitor | rate achieved (pps) | packets counted / sent | SYN, FIN, RST counted / sent | CPU s per Mpkt beyond baseline (whole machine) | of which its processes |\n|---:|---|---:|---|---|---:|---:|";
