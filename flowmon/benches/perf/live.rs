@@ -904,9 +904,9 @@ fn measure(
     }
 }
 
-/// flowmon's packet programs and the do-nothing XDP program, as the kernel
-/// names them: it keeps 15 characters, `flowmon_pass_xdp` is
-/// `flowmon_pass_xd`.
+/// flowmon's packet programs, then the do-nothing XDP program (last, so
+/// that `PROGRAMS[..2]` are flowmon's), as the kernel names them: it keeps
+/// 15 characters, `flowmon_pass_xdp` is `flowmon_pass_xd`.
 const PROGRAMS: [&str; 3] = ["flowmon_xdp", "flowmon_tc", "flowmon_pass_xd"];
 
 /// Run time (ns) and runs of each of [`PROGRAMS`].
