@@ -292,7 +292,7 @@ impl Agent {
         self.choose_mode()?;
         // Both lists in one order, found on small keys before the records
         // are built: sorting the records cost a tenth of a busy poll.
-        let mut closed = Vec::new();
+        let mut closed = self.recent.take_spare();
         record::extend_sorted(
             &mut closed,
             &ended,
@@ -362,7 +362,11 @@ impl Agent {
             });
         }
         let slice = (self.tracked() / self.sweep_polls.max(1) as usize).max(4096);
-        let (mut entries, next) = self.kernel.flows_from(self.cursor, slice)?;
+        // Into the last poll's buffer, as a whole read: a fresh one grew
+        // into pages never touched before, every partial poll.
+        let (mut entries, next) =
+            self.kernel
+                .flows_from(std::mem::take(&mut self.spare), self.cursor, slice)?;
         self.cursor = next;
         for (k, _) in &entries {
             keys.remove(k);

@@ -910,11 +910,18 @@ impl Kernel {
         Ok(self.table.lookup(key))
     }
 
-    /// At least `want` entries from bucket `cursor` on (0 when `None`), and
-    /// the bucket to continue from; `None` when the end of the table was
+    /// At least `want` entries from bucket `cursor` on (0 when `None`), in
+    /// `out` (its allocation reused, as [`Kernel::flows_into`]), and the
+    /// bucket to continue from; `None` when the end of the table was
     /// reached.
-    pub fn flows_from(&self, cursor: Option<u64>, want: usize) -> Result<Slice, KernelError> {
-        let mut out = Vec::with_capacity(want);
+    pub fn flows_from(
+        &self,
+        mut out: Vec<(FlowKey, FlowValue)>,
+        cursor: Option<u64>,
+        want: usize,
+    ) -> Result<Slice, KernelError> {
+        out.clear();
+        out.reserve(want);
         let mut b = cursor.unwrap_or(0) as usize;
         let n = self.table.buckets();
         while b < n && out.len() < want {

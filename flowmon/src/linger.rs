@@ -148,28 +148,37 @@ impl Held {
         });
     }
 
-    /// Gives back what a burst grew once most of it has ended: the map
-    /// never shrinks by itself, and the slab's free slots are reused in the
-    /// order they were freed. The few thousand connections held after a
-    /// burst of a hundred thousand were spread over a map and a slab sized
-    /// for the burst (16 MB), a cache miss each in every pass over them:
-    /// shrinking took about a sixth off the agent's CPU on the connections
-    /// after such a burst (medians of 13 alternating runs,
-    /// docs/performance.md). The survivors move to a slab of their own, in
-    /// the map's order.
+    /// Gives back the map's room and packs the slab once most of a burst
+    /// has ended: the map never shrinks by itself, and the slab's free
+    /// slots are reused in the order they were freed. The few thousand
+    /// connections held after a burst of a hundred thousand were spread
+    /// over a map and a slab sized for the burst (16 MB), a cache miss each
+    /// in every pass over them: shrinking took about a sixth off the
+    /// agent's CPU on the connections after such a burst (medians of 13
+    /// alternating runs, docs/performance.md).
     pub fn shrink(&mut self) {
         let live = self.index.len();
         let roomy = SPARSE * live.max(SHRINK_FLOOR);
         if self.slab.len() <= roomy && self.index.capacity() <= roomy {
             return;
         }
-        let mut slab = Vec::with_capacity(2 * live);
-        for s in self.index.values_mut() {
-            slab.push(self.slab[s.at as usize]);
-            s.at = (slab.len() - 1) as u32;
+        // The survivors move to the front of the slab, in their order
+        // there, and the rest of its allocation stays for the next burst:
+        // given back, it was grown again into fresh pages, each faulted in
+        // and zeroed (a sixth of the agent's CPU on the benchmark's replay,
+        // docs/performance.md). A survivor's new place is its rank among
+        // the old ones, never after its old place, so moving them in that
+        // order overwrites none not yet moved.
+        let mut old: Vec<u32> = self.index.values().map(|s| s.at).collect();
+        old.sort_unstable();
+        for (new, &at) in old.iter().enumerate() {
+            self.slab[new] = self.slab[at as usize];
         }
-        self.slab = slab;
-        self.free = Vec::new();
+        for s in self.index.values_mut() {
+            s.at = old.binary_search(&s.at).unwrap_or_default() as u32;
+        }
+        self.slab.truncate(live);
+        self.free.clear();
         self.index.shrink_to(2 * live);
     }
 
@@ -339,22 +348,30 @@ mod tests {
         for p in 0..n {
             h.hold(key(p), value(u64::from(p) + 1, S, 0));
         }
-        // All but five end: the room stays until `shrink`.
-        for p in 5..n {
+        // All but five, spread over the slab, end: the room stays until
+        // `shrink`.
+        let survivors = [3, 1_000, 1_001, 20_000, n - 1];
+        for p in (0..n).filter(|p| !survivors.contains(p)) {
             assert!(h.end(&key(p)).is_some());
         }
         assert_eq!(h.slab.len(), usize::from(n));
         h.shrink();
         assert_eq!((h.len(), h.slab.len(), h.free.len()), (5, 5, 0));
         assert!(h.index.capacity() < 64, "{}", h.index.capacity());
-        for p in 0..5 {
+        assert!(
+            h.slab.capacity() >= usize::from(n),
+            "the slab's allocation is kept for the next burst"
+        );
+        for p in survivors {
             assert_eq!(
                 h.end(&key(p)),
                 Some((key(p), value(u64::from(p) + 1, S, 0)))
             );
         }
         // A steady few are left alone: no copy each poll.
-        h.hold(key(1), value(1, S, 0));
+        for p in 0..5 {
+            h.hold(key(p), value(1, S, 0));
+        }
         h.shrink();
         assert_eq!(h.slab.len(), 5);
     }

@@ -8,7 +8,12 @@
 //! per connection.
 //! The oldest chunk is dropped whole once none of it is kept; until then,
 //! the records of it that are no longer kept are skipped, so the memory
-//! held is at most `keep` records and one poll's.
+//! held is at most `keep` records and one poll's. A dropped chunk's
+//! allocation is kept, emptied, for the next poll to build its records in
+//! ([`Recent::take_spare`]): a busy agent allocated megabytes a poll for
+//! them, and whenever that outgrew what the previous polls had freed, the
+//! heap grew into pages the kernel then faulted in and zeroed, a sixth of
+//! the agent's CPU on the benchmark's replay (docs/performance.md).
 
 use std::collections::VecDeque;
 
@@ -21,6 +26,8 @@ pub struct Recent {
     skip: usize,
     /// Records kept: all the chunks', less `skip`.
     len: usize,
+    /// The largest dropped chunk, emptied.
+    spare: Vec<ConnRecord>,
 }
 
 impl Recent {
@@ -38,6 +45,9 @@ impl Recent {
         if !records.is_empty() {
             self.len += records.len();
             self.chunks.push_back(records);
+        } else if records.capacity() > self.spare.capacity() {
+            // A quiet poll's: handed back, not freed.
+            self.spare = records;
         }
         while self.len > keep {
             let over = self.len - keep;
@@ -46,7 +56,12 @@ impl Recent {
             };
             let left = front.len() - self.skip;
             if left <= over {
-                self.chunks.pop_front();
+                if let Some(mut gone) = self.chunks.pop_front() {
+                    gone.clear();
+                    if gone.capacity() > self.spare.capacity() {
+                        self.spare = gone;
+                    }
+                }
                 self.skip = 0;
                 self.len -= left;
             } else {
@@ -54,6 +69,12 @@ impl Recent {
                 self.len -= over;
             }
         }
+    }
+
+    /// An empty list with the room of the largest chunk dropped since the
+    /// last call, for the next poll's records.
+    pub fn take_spare(&mut self) -> Vec<ConnRecord> {
+        std::mem::take(&mut self.spare)
     }
 
     /// The kept records, oldest first.
@@ -103,6 +124,11 @@ mod tests {
         r.push(records(8..20), 5);
         assert_eq!(ports(&r), [15, 16, 17, 18, 19]);
         assert_eq!((r.chunks.len(), r.len()), (1, 5));
+        // The largest chunk dropped (3 records) serves the next poll.
+        let spare = r.take_spare();
+        assert!(spare.is_empty() && spare.capacity() >= 3);
+        assert_eq!(r.take_spare().capacity(), 0, "handed out once");
+        assert_eq!(ports(&r), [15, 16, 17, 18, 19]);
     }
 
     #[test]

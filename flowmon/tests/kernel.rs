@@ -390,7 +390,7 @@ fn a_table_filled_to_its_size_keeps_every_connection_and_reads_them_all() {
     }
     let (mut swept, mut cursor) = (Vec::new(), None);
     loop {
-        let (part, next) = k.flows_from(cursor, 1000).unwrap();
+        let (part, next) = k.flows_from(Vec::new(), cursor, 1000).unwrap();
         assert!(next.is_none() || part.len() >= 1000);
         swept.extend(part);
         cursor = next;
