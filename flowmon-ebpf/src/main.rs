@@ -626,16 +626,44 @@ unsafe fn take(slot: *mut TakeSlot) -> u32 {
     let Some(at) = Place::of(key, cfg) else {
         return TAKE_ABSENT;
     };
+    // Only the bucket that holds the key is locked: what changes a way
+    // (an insert claiming it, a retirement, a take) holds its bucket's
+    // lock. Both locks were a second cache line bounced between the
+    // agent's CPU and the packets' for every connection taken. The key is
+    // found first without the lock, then checked again under it.
+    let Some((i, w, _)) = at.find(key) else {
+        return TAKE_ABSENT;
+    };
+    let bucket = if i == 0 { at.bucket[0] } else { at.bucket[1] };
     // A busy lock: left for the next poll, like a changed entry.
-    if !at.lock() {
+    if !lock(bucket) {
         return TAKE_REPLACED;
     }
-    let status = match at.find(key) {
+    let status = match still_at(bucket, w, at.tag, key) {
+        Some(live) => take_found(slot, live, bucket, w),
+        // Evicted between the look and the lock (or evicted and back as
+        // a new connection, left for the next poll to look at).
+        None if at.find(key).is_some() => TAKE_REPLACED,
         None => TAKE_ABSENT,
-        Some((i, w, live)) => take_found(slot, live, at.bucket[i], w),
     };
-    at.unlock();
+    unlock(bucket);
     status
+}
+
+/// The counters of way `w` of `bucket` if it still holds `key`.
+#[inline(always)]
+fn still_at(bucket: *mut Bucket, w: usize, tag: u32, key: &FlowKey) -> Option<*mut FlowValue> {
+    if w >= WAYS {
+        return None;
+    }
+    // Safety: a BUCKETS element, valid during this run, `w < WAYS`.
+    unsafe {
+        if (&raw const (*bucket).tags[w]).read_volatile() != tag {
+            return None;
+        }
+        let slot = way(bucket, w);
+        key_eq(&(*slot).key, key).then_some(&raw mut (*slot).value)
+    }
 }
 
 /// Copies the found entry into `slot` and frees its way, unless it is not
