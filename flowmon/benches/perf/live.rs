@@ -964,11 +964,13 @@ fn replayed(dir: &Path, conns: u32, rates: &[u32], quick: bool, taps: &[Tap]) {
     let pcap = dir.join("synthetic.pcap");
     let server: IpAddr = "10.253.0.1".parse().unwrap();
     let sent = write_capture(&pcap, conns, server);
-    // The same connections to another server, to warm each monitor up with.
+    // Connections of the same kind to another server, to warm each monitor
+    // up with ([`WARM_UP`]).
     let warm_up = dir.join("warm-up.pcap");
-    write_capture(&warm_up, conns, "10.253.0.2".parse().unwrap());
+    let warm_conns = conns.max(WARM_UP);
+    write_capture(&warm_up, warm_conns, "10.253.0.2".parse().unwrap());
     println!(
-        "### Replayed capture (tcpreplay)\n\n{conns} connections, {} packets per replay: SYN {}, FIN {}, RST {}. Each monitor first sees the same connections to another server at top speed, unmeasured, then the linger passes (steady state). {}\n",
+        "### Replayed capture (tcpreplay)\n\n{conns} connections, {} packets per replay: SYN {}, FIN {}, RST {}. Each monitor first sees {warm_conns} connections of the same kind to another server at top speed, unmeasured (as many as flowmon's agent keeps for queries, `--keep`, so that its queue of them is full), then the linger passes (steady state). {}\n",
         sent.packets,
         sent.syn,
         sent.fin,
@@ -1017,7 +1019,7 @@ fn replayed(dir: &Path, conns: u32, rates: &[u32], quick: bool, taps: &[Tap]) {
 /// `real_conns` real TCP connections per run, rounds of every monitor.
 fn real(dir: &Path, real_conns: u32, quick: bool, taps: &[Tap]) {
     println!(
-        "\n### Real TCP connections\n\n{real_conns} connections per run, one after another as fast as one client thread opens them: the client sends 100 bytes, the server reads them and closes, the client closes. What was sent is read from a capture on the client's side. As with the replay, each monitor is first warmed up, unmeasured, then the linger passes (steady state): here with {REAL_WARM_UP} connections to other ports, as many as flowmon's agent keeps for queries (`--keep`), so that its queue of them is full.\n"
+        "\n### Real TCP connections\n\n{real_conns} connections per run, one after another as fast as one client thread opens them: the client sends 100 bytes, the server reads them and closes, the client closes. What was sent is read from a capture on the client's side. As with the replay, each monitor is first warmed up, unmeasured, then the linger passes (steady state): here with {WARM_UP} connections to other ports, as many as flowmon's agent keeps for queries (`--keep`), so that its queue of them is full.\n"
     );
     println!("{TABLE_HEAD}");
     // A listening port of its own per run, warm-up or measured: no tuple
@@ -1124,19 +1126,20 @@ fn connect_loop(n: u32, port: u16) {
     server.join().unwrap();
 }
 
-/// Connections a monitor is warmed up with before the real connections are
-/// measured: as many as flowmon's agent keeps for queries (`--keep`), so
-/// that its queue of recent connections is full, and what it frees each
-/// poll is what it allocates, as in a monitor that has run for a while.
-/// With only as many as a measured run, the queue was still growing into
-/// fresh pages during the measurement. In runs of at most 20,000 on ports
-/// of their own, fewer than the client's ephemeral ports: no tuple is
-/// reused while the server still holds it in TIME_WAIT.
-const REAL_WARM_UP: u32 = 100_000;
+/// Connections a monitor is warmed up with before the real connections (and,
+/// replayed, before the capture) are measured: as many as flowmon's agent
+/// keeps for queries (`--keep`), so that its queue of recent connections is
+/// full, and what it frees each poll is what it allocates, as in a monitor
+/// that has run for a while. With only as many as a measured run, the queue
+/// was still growing into fresh pages during the measurement. The real ones
+/// in runs of at most 20,000 on ports of their own, fewer than the client's
+/// ephemeral ports: no tuple is reused while the server still holds it in
+/// TIME_WAIT.
+const WARM_UP: u32 = 100_000;
 
 fn warm_up_real(dir: &Path, next_port: &dyn Fn() -> u16) -> u64 {
     let (sent, _) = captured(dir, || {
-        let mut left = REAL_WARM_UP;
+        let mut left = WARM_UP;
         while left > 0 {
             let n = left.min(20_000);
             connect_loop(n, next_port());
