@@ -403,9 +403,9 @@ impl Agent {
             .checked_sub(self.kernel.agent_removed())
     }
 
-    /// Reads incrementally past `full_scan_limit` tracked connections and
-    /// the whole table again below half of it (the gap keeps a table near
-    /// the limit from switching every poll).
+    /// Reads incrementally past `full_scan_limit` connections in the table
+    /// and the whole table again below half of it (the gap keeps a table
+    /// near the limit from switching every poll).
     fn choose_mode(&mut self) -> Result<(), KernelError> {
         let tracked = self.tracked();
         if self.kernel.epoch() == 0 && tracked > self.full_scan_limit {
@@ -419,9 +419,14 @@ impl Agent {
         Ok(())
     }
 
-    /// Connections known to be in the table, or held out of it.
+    /// Connections known to be in the table, what a whole read costs: not
+    /// the held ones, taken out of it. Counted with them, a burst of
+    /// short connections (each read once, then held through its linger)
+    /// switched the programs to announcing every new connection on the
+    /// DIRTY ring, for polls whose many changes then read the whole table
+    /// anyway.
     fn tracked(&self) -> usize {
-        self.tracker.tracked() + self.held.len()
+        self.tracker.tracked()
     }
 
     /// Whether polls list the connections that changed ([`Poll::changed`]):

@@ -1074,6 +1074,47 @@ fn incremental_polls_read_what_changed_and_sweep_for_the_rest() {
     assert_eq!(agent.kernel.epoch(), 0);
 }
 
+/// Held connections are out of the table: they do not count towards the
+/// limit past which polls read incrementally (and the programs announce
+/// every changed connection).
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn held_connections_do_not_switch_polls_to_incremental() {
+    use flowmon::{agent::Agent, close::Timeouts};
+    const S: u64 = 1_000_000_000;
+    let (c, s) = (ip("10.4.1.2"), ip("10.4.1.1"));
+    let mut agent = Agent::new(load(), Timeouts::default());
+    agent.full_scan_limit = 1;
+    let names = std::collections::HashMap::new();
+    for cport in [6001, 6002, 6003] {
+        send(
+            &mut agent,
+            S,
+            &[
+                Frame::tcp(c, cport, s, 80, TCP_SYN),
+                Frame::tcp(s, 80, c, cport, TCP_SYN | TCP_ACK),
+                Frame::tcp(c, cport, s, 80, TCP_FIN | TCP_ACK),
+                Frame::tcp(s, 80, c, cport, TCP_FIN | TCP_ACK),
+                Frame::tcp(c, cport, s, 80, TCP_ACK),
+            ],
+        );
+    }
+    // All three final: taken and held through their linger, none left in
+    // the table.
+    let p = agent.poll(S + S / 2, 1_500, &names, false).unwrap();
+    assert!(p.closed.is_empty());
+    assert_eq!(p.poll.flows_active, 3);
+    assert_eq!(agent.kernel.epoch(), 0, "three held, none in the table");
+    // One open connection and one more in the table than the limit.
+    for cport in [6004, 6005] {
+        send(&mut agent, 2 * S, &[Frame::tcp(c, cport, s, 80, TCP_SYN)]);
+    }
+    agent.poll(2 * S, 2_000, &names, false).unwrap();
+    assert_eq!(agent.kernel.epoch(), 1, "two in the table");
+    let p = agent.poll(4 * S, 4_000, &names, false).unwrap();
+    assert_eq!(p.closed.len(), 3, "the held ones reported after the linger");
+}
+
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn packets_are_timed_by_the_calibrated_jiffies_clock_and_events_stay_in_order() {
