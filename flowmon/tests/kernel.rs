@@ -1105,7 +1105,7 @@ fn held_connections_do_not_switch_polls_to_incremental() {
     assert!(p.closed.is_empty());
     assert_eq!(p.poll.flows_active, 3);
     assert_eq!(agent.kernel.epoch(), 0, "three held, none in the table");
-    // One open connection and one more in the table than the limit.
+    // Two connections opening, left in the table: one more than the limit.
     for cport in [6004, 6005] {
         send(&mut agent, 2 * S, &[Frame::tcp(c, cport, s, 80, TCP_SYN)]);
     }
