@@ -280,14 +280,8 @@ fn find_in(b: u32, tag: u32, key: &FlowKey) -> Option<(usize, *mut FlowValue)> {
     let bucket = BUCKETS.get_ptr_mut(b)?;
     let mut w = 0;
     while w < WAYS {
-        // Safety: a BUCKETS element, valid during this run; another CPU may
-        // write the tag, so it is read once.
-        if unsafe { (&raw const (*bucket).tags[w]).read_volatile() } == tag {
-            let slot = way(bucket, w);
-            // Safety: a slot of the bucket, valid during this run.
-            if key_eq(unsafe { &(*slot).key }, key) {
-                return Some((w, unsafe { &raw mut (*slot).value }));
-            }
+        if let Some(v) = still_at(bucket, w, tag, key) {
+            return Some((w, v));
         }
         w += 1;
     }
@@ -650,13 +644,16 @@ unsafe fn take(slot: *mut TakeSlot) -> u32 {
     status
 }
 
-/// The counters of way `w` of `bucket` if it still holds `key`.
+/// The counters of way `w` of `bucket` if it holds `key` (whose tag is
+/// `tag`): the test a lookup makes of each way, and a take of the way it
+/// found before taking the lock.
 #[inline(always)]
 fn still_at(bucket: *mut Bucket, w: usize, tag: u32, key: &FlowKey) -> Option<*mut FlowValue> {
     if w >= WAYS {
         return None;
     }
-    // Safety: a BUCKETS element, valid during this run, `w < WAYS`.
+    // Safety: a BUCKETS element, valid during this run, `w < WAYS`; another
+    // CPU may write the tag, so it is read once.
     unsafe {
         if (&raw const (*bucket).tags[w]).read_volatile() != tag {
             return None;
