@@ -111,9 +111,10 @@ pub fn cargo_fuzz() -> anyhow::Result<()> {
     ]))
 }
 
-/// What `cargo xtask bench` adds: the traffic source of its live section
-/// and the per-flow libpcap peer it is compared with (pmacctd).
-pub const BENCH_PACKAGES: &[&str] = &["tcpreplay", "pmacct"];
+/// What `cargo xtask bench` adds: the traffic source of its live section,
+/// the per-flow libpcap peer it is compared with (pmacctd), and perf, which
+/// samples every monitor's kernel side.
+pub const BENCH_PACKAGES: &[&str] = &["tcpreplay", "pmacct", "linux-perf"];
 
 fn packages() -> anyhow::Result<()> {
     install(PACKAGES).map(drop)

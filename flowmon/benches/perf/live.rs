@@ -25,6 +25,8 @@ use flowmon_common::{
     craft::Frame,
 };
 
+#[path = "sampled.rs"]
+mod sampled;
 #[path = "taps.rs"]
 mod taps;
 use taps::Tap;
@@ -563,6 +565,11 @@ fn counted(
 /// User and system CPU seconds of process `pid` and its descendants so far
 /// (pmacctd runs its plugins as child processes).
 fn tree_cpu(pid: u32) -> f64 {
+    tree(pid).into_iter().map(process_cpu).sum()
+}
+
+/// Process `pid` and its descendants.
+fn tree(pid: u32) -> std::collections::HashSet<u32> {
     let mut parent = std::collections::HashMap::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
@@ -585,11 +592,7 @@ fn tree_cpu(pid: u32) -> f64 {
         }
         false
     };
-    parent
-        .keys()
-        .filter(|&&p| descends(p))
-        .map(|&p| process_cpu(p))
-        .sum()
+    parent.keys().copied().filter(|&p| descends(p)).collect()
 }
 
 /// CPU seconds process `pid` has run so far, all its threads: the
@@ -643,6 +646,9 @@ struct Sample {
     /// runs of each of [`PROGRAMS`], from the kernel's statistics. They run
     /// in softirq context, charged to no process.
     programs: Option<Runs>,
+    /// Every monitor's kernel side sampled during the warm-up (sampled),
+    /// and the packets the warm-up sent.
+    sampled: Option<(sampled::Counts, u64)>,
 }
 
 impl Sample {
@@ -741,14 +747,20 @@ fn compare(
     programs
 }
 
-/// The rows of [`print_programs`] for one load: each monitor's programs'
-/// run time per packet during the warm-ups (medians over the rounds), and
-/// each of flowmon's programs per run of its own, and each
-/// flowmon row's processes plus its programs' time beyond the do-nothing
-/// program's. The do-nothing program's own figure is what the statistics
-/// cost (two clock reads a run, ~50 ns in this VM), not the hook's. Each
-/// libpcap peer's row: its processes plus its packet socket's cost from
-/// `taps`.
+/// The rows of [`print_programs`] for one load, each monitor's CPU per
+/// packet with its kernel side attributed, two ways (medians over the
+/// rounds):
+/// - flowmon's programs' run time per packet from the kernel's statistics
+///   during the warm-ups, beyond the do-nothing program's (whose own
+///   figure is what the statistics cost, two clock reads a run, ~50 ns in
+///   this VM, not the hook's), each program per run of its own; the
+///   libpcap peers' packet sockets from `taps`, a floor;
+/// - every monitor's kernel side sampled in the same warm-ups (sampled),
+///   the peers' beyond the baseline row's in the same round (the real
+///   connections' own capture, on the client's veth, is a packet socket
+///   too).
+///
+/// And pmacctd's figure over each row's, by each way.
 fn programs_rows(label: &str, samples: &[Vec<Sample>], taps: &[Tap]) -> Vec<String> {
     let median = super::median;
     let ns = |s: &Sample| {
@@ -766,75 +778,138 @@ fn programs_rows(label: &str, samples: &[Vec<Sample>], taps: &[Tap]) -> Vec<Stri
         .position(|&m| m == Monitor::XdpHook)
         .filter(|&i| measured(&samples[i]))
         .map_or(0.0, |i| median(samples[i].iter().map(ns).collect()));
-    let mut rows = Vec::new();
     let own = |s: &Sample| s.per_mpkt(s.own.unwrap_or(0.0));
+    // MONITORS[0] is the baseline, run first in every round.
+    let sampled_ns = |m: Monitor, r: usize, s: &Sample| {
+        let (c, packets) = s.sampled?;
+        let of = match m {
+            Monitor::None => return None,
+            Monitor::XdpHook => c.pass,
+            m if m.is_flowmon() => c.flowmon,
+            _ => c
+                .taps
+                .saturating_sub(samples[0][r].sampled.map_or(0, |b| b.0.taps)),
+        };
+        Some(c.ns_per_packet(of, packets))
+    };
+    // Per monitor: (statistics or floor, sampled) attributed, s per Mpkt.
+    let attributed: Vec<(Option<f64>, Option<f64>)> = MONITORS
+        .iter()
+        .enumerate()
+        .map(|(i, &m)| {
+            let runs = &samples[i];
+            if matches!(m, Monitor::None | Monitor::XdpHook) {
+                return (None, None);
+            }
+            let by_stats = if let Some(tap) = taps.iter().find(|t| t.monitor == m) {
+                // A packet crosses the tap once: 1 ns per packet is 0.001 s per Mpkt.
+                Some(median(runs.iter().map(own).collect()) + tap.ns() / 1000.0)
+            } else {
+                measured(runs).then(|| {
+                    median(
+                        runs.iter()
+                            .map(|s| own(s) + (ns(s) - floor).max(0.0) / 1000.0)
+                            .collect(),
+                    )
+                })
+            };
+            let v: Option<Vec<f64>> = runs
+                .iter()
+                .enumerate()
+                .map(|(r, s)| Some(own(s) + sampled_ns(m, r, s)? / 1000.0))
+                .collect();
+            (by_stats, v.map(median))
+        })
+        .collect();
+    let pmacct = MONITORS.iter().position(|&m| m == Monitor::Pmacct).unwrap();
+    let ratio = |of: Option<f64>, peer: Option<f64>| match (of, peer) {
+        (Some(a), Some(p)) if a > 0.0 => format!("{:.1}", p / a),
+        _ => "-".into(),
+    };
+    let cell = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+    let mut rows = Vec::new();
     for (i, &m) in MONITORS.iter().enumerate() {
         let runs = &samples[i];
-        if let Some(tap) = taps.iter().find(|t| t.monitor == m) {
-            // A packet crosses the tap once: ns per packet, 0.001 s per Mpkt each.
-            let own = median(runs.iter().map(own).collect());
-            rows.push(format!(
-                "| {label} | {} | - | {:.0} (floor) | - | {own:.2} | {:.2} |",
-                m.name(),
-                tap.ns(),
-                own + tap.ns() / 1000.0
-            ));
+        if m == Monitor::None {
             continue;
         }
-        if !measured(runs) {
-            continue;
-        }
-        let runs_total = runs
-            .iter()
-            .map(|s| s.programs.map_or(0, |r| total(&r).1))
-            .sum::<u64>();
-        let prog_ns = median(runs.iter().map(ns).collect());
-        if m == Monitor::XdpHook {
-            rows.push(format!(
-                "| {label} | {} | {runs_total} | {prog_ns:.0} | - | - | - |",
-                m.name()
-            ));
-            continue;
-        }
-        // Each program apart (medians): the one that sees a connection's
-        // first packet makes its entry, the first touch of a bucket's
-        // lines, and costs several times the other (docs/performance.md).
-        let by_program = PROGRAMS[..2]
+        let sampled: Option<Vec<f64>> = runs
             .iter()
             .enumerate()
-            .filter_map(|(p, name)| {
-                let per = |s: &Sample| s.programs.map(|r| r[p]).filter(|&(_, n)| n > 0);
-                runs.iter().all(|s| per(s).is_some()).then(|| {
-                    let v = runs
-                        .iter()
-                        .filter_map(per)
-                        .map(|(t, n)| t as f64 / n as f64);
-                    format!("{name} {:.0}", median(v.collect()))
-                })
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        // A packet runs one of the programs once: ns per run is ns per
-        // packet, and 1 ns per packet is 0.001 s per Mpkt.
-        let total = |s: &Sample| own(s) + (ns(s) - floor).max(0.0) / 1000.0;
+            .map(|(r, s)| sampled_ns(m, r, s))
+            .collect();
+        let sampled = cell(sampled.map(median), 0);
+        let (by_stats, by_sampling) = attributed[i];
+        let ratios = if m.is_flowmon() {
+            format!(
+                "{} | {}",
+                ratio(by_stats, attributed[pmacct].0),
+                ratio(by_sampling, attributed[pmacct].1)
+            )
+        } else {
+            "- | -".into()
+        };
+        let (runs_total, stats_ns, by_program) =
+            if let Some(tap) = taps.iter().find(|t| t.monitor == m) {
+                ("-".into(), format!("{:.0} (floor)", tap.ns()), "-".into())
+            } else if measured(runs) {
+                let runs_total = runs
+                    .iter()
+                    .map(|s| s.programs.map_or(0, |r| total(&r).1))
+                    .sum::<u64>();
+                // Each program apart (medians): the one that sees a
+                // connection's first packet makes its entry, the first touch
+                // of a bucket's lines, and costs several times the other
+                // (docs/performance.md).
+                let by_program = PROGRAMS[..2]
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(p, name)| {
+                        let per = |s: &Sample| s.programs.map(|r| r[p]).filter(|&(_, n)| n > 0);
+                        runs.iter().all(|s| per(s).is_some()).then(|| {
+                            let v = runs
+                                .iter()
+                                .filter_map(per)
+                                .map(|(t, n)| t as f64 / n as f64);
+                            format!("{name} {:.0}", median(v.collect()))
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let by_program = if by_program.is_empty() {
+                    "-".into()
+                } else {
+                    by_program
+                };
+                (
+                    runs_total.to_string(),
+                    format!("{:.0}", median(runs.iter().map(ns).collect())),
+                    by_program,
+                )
+            } else {
+                ("-".into(), "-".into(), "-".into())
+            };
+        let processes = runs[0].own.map(|_| median(runs.iter().map(own).collect()));
         rows.push(format!(
-            "| {label} | {} | {runs_total} | {prog_ns:.0} | {by_program} | {:.2} | {:.2} |",
+            "| {label} | {} | {runs_total} | {stats_ns} | {by_program} | {} | {} | {sampled} | {} | {ratios} |",
             m.name(),
-            median(runs.iter().map(own).collect()),
-            median(runs.iter().map(total).collect()),
+            cell(processes, 2),
+            cell(by_stats, 2),
+            cell(by_sampling, 2),
         ));
     }
     rows
 }
 
-/// The table of flowmon's programs' live run time, measured during the
-/// warm-ups (rows from [`compare`]).
+/// The table of each monitor's kernel side, attributed, measured during
+/// the warm-ups (rows from [`compare`]).
 fn print_programs(rows: &[String]) {
     if rows.is_empty() {
         return;
     }
     println!(
-        "\nCPU per packet, attributed: each monitor's processes (as above) and its kernel side, which no process is charged with. flowmon: its programs' run time in the live path, from the kernel's run-time statistics (`BPF_ENABLE_STATS`), on during each warm-up only (the same load, unmeasured), as they time every run; the do-nothing program's figure is what the statistics themselves cost per run, taken off flowmon's. The libpcap peers: their packet socket's cost per received packet from the live-frames table above, a floor (warm caches, repeated frames).\n\n| warm-ups of the row | monitor | program runs (warm-ups) | ns per packet, kernel side (flowmon: live, with the statistics) | each program, ns per run (with the statistics) | its processes, s per Mpkt | processes + kernel side (flowmon: beyond the statistics), s per Mpkt |\n|---:|---|---:|---:|---|---:|---:|"
+        "\nCPU per packet, attributed: each monitor's processes (as above) and its kernel side, which no process is charged with, measured during each warm-up (the same load, unmeasured), two ways. (1) flowmon: its programs' run time in the live path, from the kernel's run-time statistics (`BPF_ENABLE_STATS`, on during the warm-ups only, as they time every run); the do-nothing program's figure is what the statistics themselves cost per run, taken off flowmon's. The libpcap peers: their packet socket's cost per received packet from the live-frames table above, a floor (warm caches, repeated frames). (2) Sampled, the same way for every monitor: `perf record` on every CPU (cpu-clock, one sample per {} µs of a CPU's time, kernel call chains), the samples whose chain passes through the monitor's kernel code (flowmon: its packet programs; the peers: `tpacket_rcv`, `packet_rcv` and `dev_queue_xmit_nit`, beyond the baseline row's), leaving out those taken while the monitor's own processes ran, which their CPU time counts already.\n\n| warm-ups of the row | monitor | program runs (warm-ups) | (1) ns per packet, kernel side (flowmon: with the statistics) | (1) each program, ns per run (with the statistics) | its processes, s per Mpkt | (1) processes + kernel side (flowmon: beyond the statistics), s per Mpkt | (2) ns per packet, kernel side, sampled | (2) processes + kernel side, s per Mpkt | pmacctd ÷ this, (1) | pmacctd ÷ this, (2) |\n|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        sampled::PERIOD_NS / 1000
     );
     for r in rows {
         println!("{r}");
@@ -850,6 +925,7 @@ fn measure(
 ) -> Sample {
     let mut r = start(m, dir);
     let mut programs = None;
+    let mut sampled = None;
     if let Some(warm_up) = warm_up {
         // The kernel's run-time statistics of flowmon's programs, on only
         // during the warm-up (the same load, unmeasured): they time every
@@ -858,7 +934,12 @@ fn measure(
             .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).ok())
             .flatten();
         let before = stats.as_ref().map(|_| program_runs());
+        // Every CPU sampled as well: the statistics' clock reads are
+        // outside the programs' frames, so they do not add to these.
+        let sampler = sampled::start(dir);
         let packets = warm_up();
+        let own = r.child.as_ref().map(|c| tree(c.id())).unwrap_or_default();
+        sampled = sampler.map(|s| (s.stop(&own), packets));
         programs = before.map(|r0| {
             let r = program_runs();
             std::array::from_fn(|p| {
@@ -901,6 +982,7 @@ fn measure(
         busy,
         own,
         programs,
+        sampled,
     }
 }
 
