@@ -950,7 +950,7 @@ fn measure(
             })
         });
         drop(stats);
-        thread::sleep(Duration::from_millis(3500));
+        thread::sleep(SETTLE);
         r.before = match m {
             m if m.is_flowmon() => flowmon_tcp(&r),
             Monitor::Tcpdump => packets,
@@ -966,10 +966,10 @@ fn measure(
         server,
         server_port,
     } = load(m);
-    // The same settling time for every monitor: flowmon's agent polls
-    // the last connections in it. Measured before the counts are read,
+    // The same settling time for every monitor, in which flowmon's agent
+    // reports the last connections. Measured before the counts are read,
     // since reading them (a query) costs CPU too.
-    thread::sleep(Duration::from_millis(1500));
+    thread::sleep(SETTLE);
     let busy = (cpu_jiffies().0 - before.0) as f64 / 100.0;
     let own = pid.map(|p| tree_cpu(p) - cpu0);
     let (got, flags) = counted(m, &mut r, server, server_port);
@@ -985,6 +985,17 @@ fn measure(
         sampled,
     }
 }
+
+/// How long after a load (measured or warm-up) a monitor is left to
+/// finish with it: flowmon's agent reports a finished connection once it
+/// has been silent for the linger (2 s), at the first poll (1 s apart)
+/// after that, so the last connections of a load are reported up to 3 s
+/// after it. With 1.5 s, most of a top-speed replay's reports fell after
+/// the measured window: the agent's CPU per packet came to 121-145 ns
+/// measured so, against 210-223 with 4 s (alternating runs of the same
+/// build, docs/performance.md). pmacctd and tcpdump do their work as
+/// packets arrive.
+const SETTLE: Duration = Duration::from_millis(3500);
 
 /// flowmon's packet programs, then the do-nothing XDP program (last, so
 /// that `PROGRAMS[..2]` are flowmon's), as the kernel names them: it keeps
