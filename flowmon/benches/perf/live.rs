@@ -790,7 +790,7 @@ fn programs_rows(label: &str, samples: &[Vec<Sample>], taps: &[Tap]) -> Vec<Stri
                 .taps
                 .saturating_sub(samples[0][r].sampled.map_or(0, |b| b.0.taps)),
         };
-        Some(c.ns_per_packet(of, packets))
+        Some(sampled::ns_per_packet(of, packets))
     };
     // Per monitor: (statistics or floor, sampled) attributed, s per Mpkt.
     let attributed: Vec<(Option<f64>, Option<f64>)> = MONITORS

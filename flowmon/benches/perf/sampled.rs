@@ -18,9 +18,10 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-/// The sampling period, ns of a CPU's time per sample (20,000 samples a
+/// The sampling period, ns of a CPU's time per sample (4,000 samples a
 /// second on each CPU): a top-speed warm-up of 740,000 packets gives
-/// flowmon's programs about 2,000 samples, pmacctd's socket about 9,000.
+/// flowmon's programs about 500 samples, pmacctd's socket about 1,200.
+/// One per 50 µs perturbed what it sampled (docs/performance.md).
 pub const PERIOD_NS: u64 = 250_000;
 
 /// Whose kernel code a sample's call chain passed through.
@@ -33,15 +34,11 @@ pub struct Counts {
     pub pass: u64,
     /// The packet sockets: receive and the sent packets' clone for the taps.
     pub taps: u64,
-    /// Every sample (all CPUs, all processes), for the record.
-    pub all: u64,
 }
 
-impl Counts {
-    /// ns per packet of the kernel side of `of`, over `packets`.
-    pub fn ns_per_packet(&self, of: u64, packets: u64) -> f64 {
-        (of * PERIOD_NS) as f64 / packets.max(1) as f64
-    }
+/// ns per packet of a kernel side sampled `samples` times over `packets`.
+pub fn ns_per_packet(samples: u64, packets: u64) -> f64 {
+    (samples * PERIOD_NS) as f64 / packets.max(1) as f64
 }
 
 /// A `perf record` running, started disabled and enabled through its
@@ -138,13 +135,12 @@ pub fn count(script: &str, own: &HashSet<u32>) -> Counts {
     let mut c = Counts::default();
     let mut sample: Option<(u32, [bool; 3])> = None;
     let close = |s: Option<(u32, [bool; 3])>, c: &mut Counts| {
-        if let Some((pid, hit)) = s {
-            c.all += 1;
-            if !own.contains(&pid) {
-                c.flowmon += u64::from(hit[0]);
-                c.pass += u64::from(hit[1]);
-                c.taps += u64::from(hit[2]);
-            }
+        if let Some((pid, hit)) = s
+            && !own.contains(&pid)
+        {
+            c.flowmon += u64::from(hit[0]);
+            c.pass += u64::from(hit[1]);
+            c.taps += u64::from(hit[2]);
         }
     };
     for line in script.lines() {
