@@ -24,7 +24,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use flowmon_common::{
-    flow::{FlowKey, FlowValue},
+    flow::{FlowKey, FlowValue, TAKE_BATCH},
     stats::{STAT_COUNT, STAT_DIRTY_LOST, STAT_FLOWS_CREATED},
 };
 use rustc_hash::FxHashSet;
@@ -125,7 +125,23 @@ struct Read {
     /// `None`: the whole table; `Some(cycle_done)`: part of it, and whether
     /// the sweep got round the table with this poll.
     part: Option<bool>,
+    /// The whole table is still to be read into `entries` (empty, its room
+    /// reserved), by [`Agent::read_and_take`].
+    whole: bool,
 }
+
+/// A poll's entries on their way out of the table ([`Agent::sift`]).
+struct Sift {
+    /// Finished connections (and trailing entries of held ones) to take.
+    due: Vec<(FlowKey, FlowValue)>,
+    /// For each of `due`: held through its linger once taken, or ended.
+    hold: Vec<bool>,
+    /// Keys of held connections a new connection on their tuple ended.
+    succeeded: Vec<FlowKey>,
+}
+
+/// Buckets a whole read reads between two looks at what it found.
+const READ_STRETCH: usize = 64;
 
 /// Connections in the table past which the agent reads incrementally.
 pub const FULL_SCAN_LIMIT: usize = 65_536;
@@ -201,45 +217,19 @@ impl Agent {
         // What stays is what was read, less what is taken: kept in place
         // rather than copied out entry by entry.
         let mut live = read.entries;
-        let mut due = std::mem::take(&mut self.due);
-        let mut hold = std::mem::take(&mut self.hold);
-        let mut succeeded = Vec::new();
-        live.retain(|&(k, v)| {
-            match self.held.route(&k, &v) {
-                Route::Own => {}
-                Route::Trailing => {
-                    due.push((k, v));
-                    hold.push(true);
-                    return false;
-                }
-                Route::Successor => succeeded.push(k),
-            }
-            let conn = Conn::new(k, v);
-            let (close, _) = conn.classify(now_ns, &self.timeouts);
-            let silent = Duration::from_nanos(now_ns.saturating_sub(conn.last_ns()));
-            if flush || is_due(close, silent, &self.timeouts) {
-                due.push((k, v));
-                hold.push(false);
-                return false;
-            }
-            if close.is_final() {
-                // Final, waiting out the linger: held in the agent, not read
-                // again each poll.
-                due.push((k, v));
-                hold.push(true);
-                return false;
-            }
-            true
-        });
-        // Before the take: a successor that is itself final is held next.
-        for k in succeeded {
-            ended.extend(self.held.end(&k));
-        }
-        let taken = self.take_all(&due, &hold, &mut ended);
-        due.clear();
-        hold.clear();
-        (self.due, self.hold) = (due, hold);
-        taken?;
+        let mut sift = Sift {
+            due: std::mem::take(&mut self.due),
+            hold: std::mem::take(&mut self.hold),
+            succeeded: Vec::new(),
+        };
+        let sifted = if read.whole {
+            self.read_and_take(&mut live, &mut sift, now_ns, flush, &mut ended)
+        } else {
+            self.sift(&mut live, 0, &mut sift, now_ns, flush);
+            self.take_sifted(&mut sift, true, &mut ended)
+        };
+        (self.due, self.hold) = (sift.due, sift.hold);
+        sifted?;
         self.held
             .end_due(now_ns, self.timeouts.linger, flush, &mut ended);
         self.held.shrink();
@@ -248,9 +238,16 @@ impl Agent {
         // without a lookup each.
         let mut unchanged = std::mem::take(&mut self.unchanged);
         let held_from = live.len();
-        let quiet = self
-            .held
-            .split(&mut live, self.export_held.then_some(&mut unchanged));
+        let quiet = if self.tracker.skip_changed && !self.export_held {
+            // Nothing reads the held connections' copies (neither the
+            // list of changed connections nor an exporter): all of them
+            // count as quiet. Copying the changed ones into the live list
+            // was a twelfth of a busy agent's work (docs/performance.md).
+            self.held.len()
+        } else {
+            self.held
+                .split(&mut live, self.export_held.then_some(&mut unchanged))
+        };
         self.tracker.set_held(held_from, quiet);
         let mut kept = std::mem::take(&mut self.kept);
         let removed = std::mem::take(&mut self.removed);
@@ -329,6 +326,7 @@ impl Agent {
             }
             self.cursor = None;
             let mut entries = std::mem::take(&mut self.spare);
+            let mut whole = false;
             if self.in_table(totals) == Some(0) {
                 // A whole read costs the table's size, not what it holds:
                 // the tags of every bucket, each on a page of its own
@@ -337,11 +335,14 @@ impl Agent {
                 self.empty_polls += 1;
                 entries.clear();
             } else {
-                entries = self.kernel.flows_into(entries, self.expected(totals))?;
+                entries.clear();
+                entries.reserve(self.expected(totals));
+                whole = true;
             }
             return Ok(Read {
                 entries,
                 part: None,
+                whole,
             });
         }
         // A new epoch first: a packet from here on announces its connection
@@ -354,11 +355,13 @@ impl Agent {
         // all of it is cheaper.
         if keys.len() > 4096 && keys.len() > self.tracked() / 8 {
             self.cursor = None;
+            let mut entries = std::mem::take(&mut self.spare);
+            entries.clear();
+            entries.reserve(self.expected(totals));
             return Ok(Read {
-                entries: self
-                    .kernel
-                    .flows_into(std::mem::take(&mut self.spare), self.expected(totals))?,
+                entries,
                 part: None,
+                whole: true,
             });
         }
         let slice = (self.tracked() / self.sweep_polls.max(1) as usize).max(4096);
@@ -380,6 +383,7 @@ impl Agent {
         Ok(Read {
             entries,
             part: Some(next.is_none()),
+            whole: false,
         })
     }
 
@@ -474,8 +478,108 @@ impl Agent {
         seen: &FlowValue,
     ) -> Result<Option<FlowValue>, KernelError> {
         let mut ended = Vec::new();
-        self.take_all(&[(*key, *seen)], &[false], &mut ended)?;
+        self.take_all(&[(*key, *seen)], &[false], true, &mut ended)?;
         Ok(ended.pop().map(|(_, v)| v))
+    }
+
+    /// Reads the whole table into `live` a stretch of buckets at a time,
+    /// and takes what is finished once a batch of it is found, while the
+    /// lines the take program reads again (the buckets' tags and slots)
+    /// are still in the cache. Read whole and then taken, every finished
+    /// connection's lines were fetched from memory twice, the second time
+    /// behind a pass that prefetched them: the take and that pass were a
+    /// fifth of a busy agent's work, and the pass is no longer needed
+    /// (docs/performance.md).
+    fn read_and_take(
+        &mut self,
+        live: &mut Vec<(FlowKey, FlowValue)>,
+        sift: &mut Sift,
+        now_ns: u64,
+        flush: bool,
+        ended: &mut Vec<(FlowKey, FlowValue)>,
+    ) -> Result<(), KernelError> {
+        let n = self.kernel.buckets();
+        let mut b = 0;
+        while b < n {
+            let from = live.len();
+            self.kernel.read_buckets(b, b + READ_STRETCH, live);
+            b += READ_STRETCH;
+            self.sift(live, from, sift, now_ns, flush);
+            if sift.due.len() >= TAKE_BATCH || b >= n {
+                self.take_sifted(sift, false, ended)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sorts the entries `live[from..]` just read: trailing packets of a
+    /// held connection, and connections finished (due, or waiting out
+    /// their linger), go to `sift` to be taken; the rest stay, in order.
+    fn sift(
+        &self,
+        live: &mut Vec<(FlowKey, FlowValue)>,
+        from: usize,
+        sift: &mut Sift,
+        now_ns: u64,
+        flush: bool,
+    ) {
+        let mut stay = from;
+        for i in from..live.len() {
+            let (k, v) = live[i];
+            let hold = match self.held.route(&k, &v) {
+                Route::Trailing => Some(true),
+                route => {
+                    if route == Route::Successor {
+                        sift.succeeded.push(k);
+                    }
+                    let conn = Conn::new(k, v);
+                    let (close, _) = conn.classify(now_ns, &self.timeouts);
+                    let silent = Duration::from_nanos(now_ns.saturating_sub(conn.last_ns()));
+                    if flush || is_due(close, silent, &self.timeouts) {
+                        Some(false)
+                    } else {
+                        // Final, waiting out the linger: held in the agent,
+                        // not read again each poll.
+                        close.is_final().then_some(true)
+                    }
+                }
+            };
+            match hold {
+                Some(hold) => {
+                    sift.due.push((k, v));
+                    sift.hold.push(hold);
+                }
+                None => {
+                    if stay != i {
+                        live[stay] = live[i];
+                    }
+                    stay += 1;
+                }
+            }
+        }
+        live.truncate(stay);
+    }
+
+    /// Takes what [`Agent::sift`] found; `prefetch` when its lines may
+    /// have left the cache since they were read.
+    fn take_sifted(
+        &mut self,
+        sift: &mut Sift,
+        prefetch: bool,
+        ended: &mut Vec<(FlowKey, FlowValue)>,
+    ) -> Result<(), KernelError> {
+        // Before the take: a successor that is itself final is held next.
+        for k in sift.succeeded.drain(..) {
+            ended.extend(self.held.end(&k));
+        }
+        let taken = if sift.due.is_empty() {
+            Ok(())
+        } else {
+            self.take_all(&sift.due, &sift.hold, prefetch, ended)
+        };
+        sift.due.clear();
+        sift.hold.clear();
+        taken
     }
 
     /// Takes the finished connections `seen` out of the table; their final
@@ -484,6 +588,7 @@ impl Agent {
         &mut self,
         seen: &[(FlowKey, FlowValue)],
         hold: &[bool],
+        prefetch: bool,
         ended: &mut Vec<(FlowKey, FlowValue)>,
     ) -> Result<(), KernelError> {
         let (held, kept, removed, tracker) = (
@@ -492,7 +597,7 @@ impl Agent {
             &mut self.removed,
             &mut self.tracker,
         );
-        self.kernel.take_flows_each(seen, |i, t| {
+        self.kernel.take_flows_each(seen, prefetch, |i, t| {
             let key = seen[i].0;
             let value = match t {
                 Taken::Removed(v) => {

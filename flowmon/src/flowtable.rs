@@ -83,8 +83,9 @@ impl FlowTable {
             // Each bucket's tags are a cache line of a page of their own
             // (a bucket is 3,648 bytes): a mostly empty table is read at the
             // speed of its misses, one after another, unless the next ones
-            // are already on their way.
-            if b + PREFETCH < to {
+            // are already on their way (past `to` too: a whole read comes
+            // in stretches).
+            if b + PREFETCH < self.buckets() {
                 prefetch(self.buckets.ptr(b + PREFETCH));
             }
             for w in 0..WAYS {

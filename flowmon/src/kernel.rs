@@ -776,6 +776,16 @@ impl Kernel {
         self.flows_into(Vec::new(), 0)
     }
 
+    /// Buckets in the flow table.
+    pub fn buckets(&self) -> usize {
+        self.table.buckets()
+    }
+
+    /// Appends the entries of buckets `from..to` to `out`.
+    pub fn read_buckets(&self, from: usize, to: usize, out: &mut Vec<(FlowKey, FlowValue)>) {
+        self.table.read_buckets(from, to, out);
+    }
+
     /// [`Kernel::flows`] into `buf` (its allocation reused), reserving room
     /// for `expect` entries up front.
     pub fn flows_into(
@@ -813,17 +823,20 @@ impl Kernel {
     /// counted a SYN since may have become one: both stay.
     pub fn take_flows(&self, seen: &[(FlowKey, FlowValue)]) -> Result<Vec<Taken>, KernelError> {
         let mut out = Vec::with_capacity(seen.len());
-        self.take_flows_each(seen, |_, t| out.push(t))?;
+        self.take_flows_each(seen, true, |_, t| out.push(t))?;
         Ok(out)
     }
 
     /// [`Kernel::take_flows`], handing `each` what was found for each entry
     /// of `seen` (its index, in order) straight from the batch: a list of
     /// them was written and read back for every connection, and a new one
-    /// each poll had its pages faulted in again.
+    /// each poll had its pages faulted in again. `prefetch` starts loading
+    /// the lines the take program reads first, for entries read a while ago
+    /// ([`FlowTable::prefetch_takes`]).
     pub fn take_flows_each(
         &self,
         seen: &[(FlowKey, FlowValue)],
+        prefetch: bool,
         mut each: impl FnMut(usize, Taken),
     ) -> Result<(), KernelError> {
         let prog: &SchedClassifier = self.program(TAKE_PROGRAM);
@@ -839,7 +852,9 @@ impl Kernel {
                 slot.seen_first_ns = [value.dir[0].first_ns, value.dir[1].first_ns];
                 slot.seen_syn = value.dir[0].syn + value.dir[1].syn;
             }
-            self.table.prefetch_takes(chunk.iter().map(|(k, _)| k));
+            if prefetch {
+                self.table.prefetch_takes(chunk.iter().map(|(k, _)| k));
+            }
             // A test run stops early when a signal is pending; the program's
             // cursor says where it got to. No reference into the mapping
             // is held across a run, which writes it.

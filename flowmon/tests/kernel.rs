@@ -1194,3 +1194,112 @@ fn packets_are_timed_by_the_calibrated_jiffies_clock_and_events_stay_in_order() 
         (srv.first_fin_ns, clt.first_rst_ns)
     );
 }
+
+/// A whole read takes what it finds finished a batch at a time, while
+/// reading on: with thousands of finished connections among open ones,
+/// spread over every stretch of the table, each is taken once, reported
+/// or held as its state says, and the open ones stay, in the table and in
+/// the poll's live list. An agent that lists no changed connections and
+/// exports none (which copies no held connection into that list) counts
+/// exactly the same.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_whole_read_takes_finished_connections_as_it_goes() {
+    use flowmon::{agent::Agent, close::Timeouts};
+    const S: u64 = 1_000_000_000;
+    const N: u32 = 3_000;
+    let key = |i: u32| {
+        let mut key = flowmon_common::flow::FlowKey {
+            port_a: 80,
+            port_b: i as u16 + 1024,
+            family: 4,
+            ifindex: 1,
+            ..Default::default()
+        };
+        key.addr_a[..4].copy_from_slice(&[10, 0, 0, 1]);
+        key.addr_b[..4].copy_from_slice(&[10, 1, 0, 2]);
+        key
+    };
+    // Client B: SYN, ACK, data, FIN (5 packets); server A: SYN-ACK, FIN
+    // (3); `fin` false leaves both FINs out, an open connection.
+    let conn = |t: u64, fin: bool| {
+        let mut v = FlowValue::default();
+        let f = u32::from(fin);
+        let c = &mut v.dir[DIR_B_TO_A];
+        (c.syn, c.fin, c.packets, c.data_packets) = (1, f, 5, 1);
+        (c.first_ns, c.first_syn_ns, c.first_ack_ns, c.first_data_ns) = (t, t, t + 2, t + 2);
+        (c.first_fin_ns, c.last_ns) = (if fin { t + 5 } else { 0 }, t + 7);
+        let s = &mut v.dir[DIR_A_TO_B];
+        (s.synack, s.fin, s.packets) = (1, f, 3);
+        (s.first_ns, s.first_synack_ns, s.last_ns) = (t + 1, t + 1, t + 6);
+        s.first_fin_ns = if fin { t + 4 } else { 0 };
+        v
+    };
+    let names = std::collections::HashMap::new();
+    let run = |quiet: bool| {
+        let mut agent = Agent::new(
+            Kernel::load(LoadOptions {
+                max_flows: 20_000,
+                ..LoadOptions::default()
+            })
+            .unwrap(),
+            Timeouts::default(),
+        );
+        if quiet {
+            agent.list_changed(false);
+            agent.export_held = false;
+        }
+        for i in 0..N {
+            // Closed 9 s before the poll (reported), closed 0.5 s before
+            // (held through the linger), or open.
+            let v = match i % 3 {
+                0 => conn(S, true),
+                1 => conn(9 * S + 500_000_000 - 7, true),
+                _ => conn(9 * S, false),
+            };
+            agent.kernel.insert_flow(&key(i), &v).unwrap();
+        }
+        let p = agent.poll(10 * S, 10_000, &names, false).unwrap();
+        let ports = |mut v: Vec<u16>| {
+            v.sort_unstable();
+            v
+        };
+        let closed = ports(p.closed.iter().map(|r| r.conn.key.port_b).collect());
+        let open = ports(p.live.iter().map(|(k, _)| k.port_b).collect());
+        let table = ports(
+            agent
+                .kernel
+                .flows()
+                .unwrap()
+                .iter()
+                .map(|(k, _)| k.port_b)
+                .collect(),
+        );
+        let counts = (
+            p.poll.flows_active,
+            p.poll.delta.packets,
+            p.poll.delta.fin,
+            agent.kernel.agent_removed(),
+        );
+        (closed, open, table, counts)
+    };
+    let ports = |rest: u32| {
+        (0..N)
+            .filter(|i| i % 3 == rest)
+            .map(|i| i as u16 + 1024)
+            .collect::<Vec<_>>()
+    };
+    let (closed, live, table, counts) = run(false);
+    assert_eq!(closed, ports(0), "the long-closed ones reported, once each");
+    assert_eq!(table, ports(2), "only the open ones left in the table");
+    // The open ones and the held ones, just taken (so changed).
+    let mut listed = [ports(1), ports(2)].concat();
+    listed.sort_unstable();
+    assert_eq!(live, listed);
+    // Active: open and held; every packet and FIN counted once; taken: the
+    // reported and the held.
+    assert_eq!(counts, (2_000, 24_000, 2_000 * 2, 2_000));
+    let (q_closed, q_live, q_table, q_counts) = run(true);
+    assert_eq!((q_closed, q_table, q_counts), (closed, table, counts));
+    assert_eq!(q_live, ports(2), "held connections not copied");
+}
