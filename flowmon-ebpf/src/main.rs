@@ -19,9 +19,9 @@ use aya_log_ebpf::debug;
 use flowmon_common::{
     count::{Clock, ordered, record, starts_new_connection},
     flow::{
-        CLOSED_FINISHED, CLOSED_RETIRED, CLOSED_RING_BYTES, CONFIG_FLAG_HAND_OVER, CONFIG_FLAG_LOG,
-        Config, DEFAULT_MAX_FLOWS, DIRTY_RING_BYTES, FlowKey, FlowValue, RetiredFlow, TAKE_ABSENT,
-        TAKE_BATCH, TAKE_REMOVED, TAKE_REPLACED, TakeBatch, TakeSlot,
+        CLOSED_RING_BYTES, CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, DIRTY_RING_BYTES, FlowKey,
+        FlowValue, RetiredFlow, TAKE_ABSENT, TAKE_BATCH, TAKE_REMOVED, TAKE_REPLACED, TakeBatch,
+        TakeSlot,
     },
     parse::{MAX_HEADER_OFFSET, PacketBytes, Parsed, TcpSegment, parse_ethernet},
     stats::{
@@ -175,7 +175,7 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
     };
     // Safety: `value` points into the map element, valid during this program
     // run; other writers go through `record` as well.
-    let closing = unsafe { record(value, seg, packets, ip_bytes, &clock) };
+    unsafe { record(value, seg, packets, ip_bytes, &clock) };
     if cfg.epoch != 0 {
         announce(value, &seg.key, cfg.epoch);
     }
@@ -189,14 +189,6 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
             seg.key.port_a,
             seg.key.port_b
         );
-    }
-    // `record` finds `closing` on its event path only, and the call comes
-    // last, not inlined, with nothing live across it: tested on every
-    // packet, or inlined earlier, it cost data segments 1-3 ns under
-    // `BPF_PROG_TEST_RUN` (flags 0.7-1 ns still).
-    // Safety: as for `record`.
-    if closing && cfg.flags & CONFIG_FLAG_HAND_OVER != 0 && whole(unsafe { &*value }) {
-        hand_over(&seg.key);
     }
 }
 
@@ -536,7 +528,7 @@ fn retire(at: &Place, old: *mut FlowValue, seg: &TcpSegment) -> bool {
     // Safety: `dst` is this reservation, `old` the live slot's counters.
     unsafe {
         (*dst).key = seg.key;
-        (*dst).kind = CLOSED_RETIRED;
+        (*dst)._pad = 0;
         copy_value(old, &raw mut (*dst).value);
     }
     slot.submit(0);
@@ -562,55 +554,6 @@ fn retire(at: &Place, old: *mut FlowValue, seg: &TcpSegment) -> bool {
     }
     at.unlock();
     true
-}
-
-/// Whether `v` is a whole connection, one that saw a SYN or SYN-ACK: only
-/// such a connection is handed over at its last packet ([`record`] tells
-/// which packet may be). An entry that trailing packets started after a
-/// hand-over is left for the agent, which merges it into the connection it
-/// holds.
-#[inline(always)]
-fn whole(v: &FlowValue) -> bool {
-    (v.dir[0].syn | v.dir[1].syn | v.dir[0].synack | v.dir[1].synack) != 0
-}
-
-/// Hands the connection on `key` over to the agent: copies it
-/// onto the CLOSED ring, marked finished, and frees its way, under its
-/// bucket's lock, while its lines are in this CPU's cache. Otherwise the
-/// agent's next read fetches them again to find it final, and its take a
-/// third time, writing the bucket's lock and tags line that the next
-/// connection in the bucket then fetches back (docs/performance.md). When
-/// the ring is full or the lock busy it stays in the table, and the agent
-/// takes it, as without hand-over. The agent counts what it drains as
-/// removed, as what it takes: no counter of its own.
-#[inline(never)]
-fn hand_over(key: &FlowKey) {
-    let Some(at) = Place::of(key, config()) else {
-        return;
-    };
-    let Some((i, w, _)) = at.find(key) else {
-        return;
-    };
-    let bucket = if i == 0 { at.bucket[0] } else { at.bucket[1] };
-    if w >= WAYS || !lock(bucket) {
-        return;
-    }
-    if let Some(live) = still_at(bucket, w, at.tag, key)
-        && let Some(mut slot) = CLOSED.reserve::<RetiredFlow>(0)
-    {
-        let dst = slot.as_mut_ptr();
-        // Safety: `dst` is this reservation, `live` the way's counters, the
-        // bucket's lock held.
-        unsafe {
-            (*dst).key = *key;
-            (*dst).kind = CLOSED_FINISHED;
-            copy_value(live, &raw mut (*dst).value);
-        }
-        slot.submit(0);
-        // Safety: as above; `w < WAYS`.
-        unsafe { (&raw mut (*bucket).tags[w]).write_volatile(0) };
-    }
-    unlock(bucket);
 }
 
 #[xdp]

@@ -50,10 +50,6 @@ fn loaded(n: u32) -> Kernel {
         ..LoadOptions::default()
     })
     .expect("load (run as root)");
-    // As `flowmon run` has the programs: a whole connection's last packet
-    // hands it over (an RST run hands its flow over once, and then counts
-    // into the trailing entry the next run starts, as a take would leave it).
-    k.hand_over(true).expect("hand-over");
     // Established and active: the agent keeps such connections in the table.
     let now = monotonic_ns();
     let mut v = FlowValue::default();
