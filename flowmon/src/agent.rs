@@ -324,26 +324,22 @@ impl Agent {
                     .set_epoch(self.kernel.epoch().wrapping_add(1).max(1))?;
                 self.kernel.drain_dirty();
             }
-            self.cursor = None;
-            let mut entries = std::mem::take(&mut self.spare);
-            let mut whole = false;
             if self.in_table(totals) == Some(0) {
                 // A whole read costs the table's size, not what it holds:
                 // the tags of every bucket, each on a page of its own
                 // (0.3-0.5 ms a poll for the default table, empty: section
                 // 2 of the benchmark).
+                self.cursor = None;
                 self.empty_polls += 1;
+                let mut entries = std::mem::take(&mut self.spare);
                 entries.clear();
-            } else {
-                entries.clear();
-                entries.reserve(self.expected(totals));
-                whole = true;
+                return Ok(Read {
+                    entries,
+                    part: None,
+                    whole: false,
+                });
             }
-            return Ok(Read {
-                entries,
-                part: None,
-                whole,
-            });
+            return Ok(self.whole_read(totals));
         }
         // A new epoch first: a packet from here on announces its connection
         // for the next poll, so none falls between two drains.
@@ -354,15 +350,7 @@ impl Agent {
         // every occupied slot: when much of a big table changed, reading
         // all of it is cheaper.
         if keys.len() > 4096 && keys.len() > self.tracked() / 8 {
-            self.cursor = None;
-            let mut entries = std::mem::take(&mut self.spare);
-            entries.clear();
-            entries.reserve(self.expected(totals));
-            return Ok(Read {
-                entries,
-                part: None,
-                whole: true,
-            });
+            return Ok(self.whole_read(totals));
         }
         let slice = (self.tracked() / self.sweep_polls.max(1) as usize).max(4096);
         // Into the last poll's buffer, as a whole read: a fresh one grew
@@ -385,6 +373,20 @@ impl Agent {
             part: Some(next.is_none()),
             whole: false,
         })
+    }
+
+    /// A whole read for the poll to make ([`Agent::read_and_take`]), into
+    /// the last poll's buffer, emptied, with room for what the table holds.
+    fn whole_read(&mut self, totals: &[u64; STAT_COUNT as usize]) -> Read {
+        self.cursor = None;
+        let mut entries = std::mem::take(&mut self.spare);
+        entries.clear();
+        entries.reserve(self.expected(totals));
+        Read {
+            entries,
+            part: None,
+            whole: true,
+        }
     }
 
     /// About how many entries the table holds ([`Agent::in_table`], which
