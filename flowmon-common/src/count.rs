@@ -78,6 +78,11 @@ impl Clock for Fixed {
 /// ([`Clock::event`]) and sets `last_ns`; any other packet refreshes
 /// `last_ns` from the coarse clock, never moving it backwards.
 ///
+/// Returns whether the packet may close the connection: an RST, or a pure
+/// ACK from a side that has sent a FIN once the other side has too (the
+/// ACK of the last FIN). Found on the event path only, so that the routine
+/// packets' path is as it was.
+///
 /// # Safety
 /// `value` must point to a live, aligned `FlowValue` for the whole call; other
 /// threads may update it concurrently only through this function.
@@ -88,7 +93,7 @@ pub unsafe fn record<C: Clock>(
     packets: u32,
     ip_bytes: u64,
     clock: &C,
-) {
+) -> bool {
     // Safety: the caller guarantees `value` is valid; an index of 0 or 1 is in
     // bounds, and a constant index keeps the verifier's job simple.
     let d: *mut DirStats = unsafe {
@@ -128,7 +133,7 @@ pub unsafe fn record<C: Clock>(
             if now > last.read_volatile() {
                 last.write_volatile(now);
             }
-            return;
+            return false;
         }
         let now = clock.event(crate::table::last_active(&*value));
         if flags & TCP_SYN != 0 {
@@ -155,6 +160,11 @@ pub unsafe fn record<C: Clock>(
         }
         first(&raw mut (*d).first_ns, now);
         last.write_volatile(now);
+        flags & TCP_RST != 0
+            || (pure_ack
+                && seg.payload_len == 0
+                && get(&raw const (*value).dir[0].fin) != 0
+                && get(&raw const (*value).dir[1].fin) != 0)
     }
 }
 

@@ -209,16 +209,23 @@ impl FlowValue {
     }
 }
 
-/// A connection the kernel retired from the table because a new one started
-/// on its tuple (a SYN after FIN or RST): sent to user space through the
-/// CLOSED ring buffer, so that both lifetimes are reported apart.
+/// A connection the programs took out of the table and sent to user space
+/// through the CLOSED ring buffer: retired because a new one started on its
+/// tuple (a SYN after FIN or RST), so that both lifetimes are reported
+/// apart, or handed over by its last packet ([`CONFIG_FLAG_HAND_OVER`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RetiredFlow {
     pub key: FlowKey,
-    pub _pad: u32,
+    /// [`CLOSED_RETIRED`] or [`CLOSED_FINISHED`].
+    pub kind: u32,
     pub value: FlowValue,
 }
+
+/// [`RetiredFlow::kind`]: a new connection started on the tuple.
+pub const CLOSED_RETIRED: u32 = 0;
+/// [`RetiredFlow::kind`]: the connection's last packet handed it over.
+pub const CLOSED_FINISHED: u32 = 1;
 const _: () = assert!(core::mem::size_of::<RetiredFlow>() == 256);
 
 /// Connections the agent takes out of the table per run of the take
@@ -274,8 +281,11 @@ const _: () = assert!(core::mem::size_of::<TakeBatch>() == 8 + 280 * TAKE_BATCH)
 /// falls back to reading the whole table.
 pub const DIRTY_RING_BYTES: u32 = 4 << 20;
 
-/// Bytes of the CLOSED ring buffer: 4096 retired connections.
-pub const CLOSED_RING_BYTES: u32 = 4096 * 264;
+/// Bytes of the CLOSED ring buffer: 16 MiB, about 63,000 connections (256
+/// bytes and an 8-byte header each), a second of them at the highest rate
+/// the benchmark's replay reaches, handed over between two polls. When it
+/// is full a finished connection stays in the table for the agent's take.
+pub const CLOSED_RING_BYTES: u32 = 16 << 20;
 
 /// Default number of connections the kernel table holds (`--max-flows`).
 /// Memory: a 256-byte slot (44-byte key, padding, 208-byte value) and a
@@ -327,3 +337,7 @@ const _: () = assert!(core::mem::size_of::<Config>() == 112);
 
 /// [`Config::flags`] bit that turns on aya-log debug output.
 pub const CONFIG_FLAG_LOG: u32 = 1;
+/// [`Config::flags`] bit that has a whole connection's last packet (an RST,
+/// or a pure ACK once both sides sent a FIN) hand it over on the CLOSED
+/// ring and free its way: set by an agent, which drains the ring each poll.
+pub const CONFIG_FLAG_HAND_OVER: u32 = 2;

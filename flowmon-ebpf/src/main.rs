@@ -19,9 +19,9 @@ use aya_log_ebpf::debug;
 use flowmon_common::{
     count::{Clock, ordered, record, starts_new_connection},
     flow::{
-        CLOSED_RING_BYTES, CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, DIRTY_RING_BYTES, FlowKey,
-        FlowValue, RetiredFlow, TAKE_ABSENT, TAKE_BATCH, TAKE_REMOVED, TAKE_REPLACED, TakeBatch,
-        TakeSlot,
+        CLOSED_FINISHED, CLOSED_RETIRED, CLOSED_RING_BYTES, CONFIG_FLAG_HAND_OVER, CONFIG_FLAG_LOG,
+        Config, DEFAULT_MAX_FLOWS, DIRTY_RING_BYTES, FlowKey, FlowValue, RetiredFlow, TAKE_ABSENT,
+        TAKE_BATCH, TAKE_REMOVED, TAKE_REPLACED, TakeBatch, TakeSlot,
     },
     parse::{MAX_HEADER_OFFSET, PacketBytes, Parsed, TcpSegment, parse_ethernet},
     stats::{
@@ -158,15 +158,28 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
         None => (1, u64::from(seg.ip_len)),
     };
     let h = hash(&seg.key, &cfg.seeds);
-    let value = match lookup(h, &seg.key, cfg) {
+    let found = match lookup(h, &seg.key, cfg) {
         // Safety: `v` points into the slot, valid during this run.
-        Some(v) if starts_new_connection(unsafe { &*v }, seg) => {
-            match Place::at(h, cfg) {
-                Some(at) if retire(&at, v, seg) => bump(STAT_RETIRED),
-                _ => bump(STAT_SPLIT_FAILED),
+        Some(v) if starts_new_connection(unsafe { &*v }, seg) => match Place::at(h, cfg) {
+            Some(at) => match retire(&at, v, seg) {
+                Retired::Done => {
+                    bump(STAT_RETIRED);
+                    Some(v)
+                }
+                Retired::Gone => None,
+                Retired::Failed => {
+                    bump(STAT_SPLIT_FAILED);
+                    Some(v)
+                }
+            },
+            None => {
+                bump(STAT_SPLIT_FAILED);
+                Some(v)
             }
-            v
-        }
+        },
+        found => found,
+    };
+    let value = match found {
         Some(v) => v,
         None => match Place::at(h, cfg).and_then(|at| insert(&at, &seg.key)) {
             Some(v) => v,
@@ -175,7 +188,19 @@ fn handle<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Direct, ifindex: u32, gso: Op
     };
     // Safety: `value` points into the map element, valid during this program
     // run; other writers go through `record` as well.
-    unsafe { record(value, seg, packets, ip_bytes, &clock) };
+    let closing = unsafe { record(value, seg, packets, ip_bytes, &clock) };
+    // `record` finds `closing` on its event path only (a routine segment
+    // pays nothing), and the hand-over is a call, not inlined, taken before
+    // anything else: tested after the announcement and the log, with
+    // `closing` kept across them, it cost SYN, FIN and RST segments 1.2 ns
+    // on TC under `BPF_PROG_TEST_RUN`, and given what the log needs, 0.5-1
+    // ns more on data and flags (docs/performance.md). So a connection
+    // handed over is not announced (the agent drains it from the ring), and
+    // the segment that hands it over is not logged.
+    // Safety: as for `record`.
+    if closing && cfg.flags & CONFIG_FLAG_HAND_OVER != 0 && whole(unsafe { &*value }) {
+        return hand_over(&seg.key);
+    }
     if cfg.epoch != 0 {
         announce(value, &seg.key, cfg.epoch);
     }
@@ -510,25 +535,46 @@ fn claim(bucket: *mut Bucket, w: usize, tag: u32, key: &FlowKey) -> Option<*mut 
     .inspect(|_| bump(STAT_FLOWS_CREATED))
 }
 
+/// What [`retire`] did.
+enum Retired {
+    /// The old connection is on the ring, its way zeroed for the new one.
+    Done,
+    /// The old connection left the table after the lookup found it (the
+    /// agent's take, or its last packet handing it over on another CPU):
+    /// the new one needs a way of its own.
+    Gone,
+    /// The ring was full or a lock busy: the packet is counted into the
+    /// old connection (a merged lifetime beats a lost count).
+    Failed,
+}
+
 /// Sends the ended connection in `old` to user space and zeroes its counters
 /// for the new connection on its tuple, under the key's bucket locks so
-/// that the agent's take cannot copy it at the same time. False when the
-/// ring was full or a lock busy: the packet is then counted into the old
-/// connection (a merged lifetime beats a lost count).
+/// that the agent's take or a hand-over cannot copy it at the same time.
 #[inline(always)]
-fn retire(at: &Place, old: *mut FlowValue, seg: &TcpSegment) -> bool {
+fn retire(at: &Place, old: *mut FlowValue, seg: &TcpSegment) -> Retired {
     if !at.lock() {
-        return false;
+        return Retired::Failed;
+    }
+    // Copied to the ring a second time, a connection taken or handed over
+    // while this CPU waited for the lock would be reported twice, and the
+    // new one counted in a way no lookup finds.
+    match at.find(&seg.key) {
+        Some((_, _, v)) if v == old => {}
+        _ => {
+            at.unlock();
+            return Retired::Gone;
+        }
     }
     let Some(mut slot) = CLOSED.reserve::<RetiredFlow>(0) else {
         at.unlock();
-        return false;
+        return Retired::Failed;
     };
     let dst = slot.as_mut_ptr();
     // Safety: `dst` is this reservation, `old` the live slot's counters.
     unsafe {
         (*dst).key = seg.key;
-        (*dst)._pad = 0;
+        (*dst).kind = CLOSED_RETIRED;
         copy_value(old, &raw mut (*dst).value);
     }
     slot.submit(0);
@@ -553,7 +599,68 @@ fn retire(at: &Place, old: *mut FlowValue, seg: &TcpSegment) -> bool {
         }
     }
     at.unlock();
-    true
+    Retired::Done
+}
+
+/// Whether `v` is a whole connection, one that saw a SYN or SYN-ACK: only
+/// such a connection is handed over at its last packet ([`record`] tells
+/// which packet may be). An entry that trailing packets started after a
+/// hand-over is left for the agent, which merges it into the connection it
+/// holds.
+#[inline(always)]
+fn whole(v: &FlowValue) -> bool {
+    (v.dir[0].syn | v.dir[1].syn | v.dir[0].synack | v.dir[1].synack) != 0
+}
+
+/// Whether `v` is a whole connection that has ended: an RST, or a FIN
+/// each way.
+#[inline(always)]
+fn finished_whole(v: &FlowValue) -> bool {
+    whole(v) && ((v.dir[0].rst | v.dir[1].rst) != 0 || (v.dir[0].fin != 0 && v.dir[1].fin != 0))
+}
+
+/// Hands the connection on `key` over to the agent: copies it
+/// onto the CLOSED ring, marked finished, and frees its way, under its
+/// bucket's lock, while its lines are in this CPU's cache. Otherwise the
+/// agent's next read fetches them again to find it final, and its take a
+/// third time, writing the bucket's lock and tags line that the next
+/// connection in the bucket then fetches back (docs/performance.md). When
+/// the ring is full or the lock busy it stays in the table, and the agent
+/// takes it, as without hand-over. The agent counts what it drains as
+/// removed, as what it takes: no counter of its own.
+#[inline(never)]
+fn hand_over(key: &FlowKey) {
+    let Some(at) = Place::of(key, config()) else {
+        return;
+    };
+    let Some((i, w, _)) = at.find(key) else {
+        return;
+    };
+    let bucket = if i == 0 { at.bucket[0] } else { at.bucket[1] };
+    if w >= WAYS || !lock(bucket) {
+        return;
+    }
+    // Whole and finished again under the lock: another CPU may have
+    // retired the connection that this packet found finished, and the
+    // way now holds the next one, just opened.
+    if let Some(live) = still_at(bucket, w, at.tag, key)
+        // Safety: the way's counters, the bucket's lock held.
+        && finished_whole(unsafe { &*live })
+        && let Some(mut slot) = CLOSED.reserve::<RetiredFlow>(0)
+    {
+        let dst = slot.as_mut_ptr();
+        // Safety: `dst` is this reservation, `live` the way's counters, the
+        // bucket's lock held.
+        unsafe {
+            (*dst).key = *key;
+            (*dst).kind = CLOSED_FINISHED;
+            copy_value(live, &raw mut (*dst).value);
+        }
+        slot.submit(0);
+        // Safety: as above; `w < WAYS`.
+        unsafe { (&raw mut (*bucket).tags[w]).write_volatile(0) };
+    }
+    unlock(bucket);
 }
 
 #[xdp]

@@ -22,8 +22,9 @@ use aya::{
 };
 use flowmon_common::{
     flow::{
-        CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, RetiredFlow, TAKE_ABSENT,
-        TAKE_BATCH, TAKE_PENDING, TAKE_REMOVED, TAKE_REPLACED, TakeBatch,
+        CLOSED_FINISHED, CONFIG_FLAG_HAND_OVER, CONFIG_FLAG_LOG, Config, DEFAULT_MAX_FLOWS,
+        FlowKey, FlowValue, RetiredFlow, TAKE_ABSENT, TAKE_BATCH, TAKE_PENDING, TAKE_REMOVED,
+        TAKE_REPLACED, TakeBatch,
     },
     stats::{
         CpuState, STAT_COUNT, STAT_FRAGMENTS, STAT_MALFORMED, STAT_NON_TCP, STAT_PACKETS, STAT_TCP,
@@ -947,8 +948,30 @@ impl Kernel {
         Ok((out, (b < n).then_some(b as u64)))
     }
 
+    /// Connections the programs took out of the table, oldest first, each
+    /// with whether its last packet handed it over ([`Kernel::hand_over`])
+    /// rather than a new connection on its tuple retiring it.
+    pub fn drain_closed(&mut self) -> Vec<(FlowKey, FlowValue, bool)> {
+        drain::<RetiredFlow>(&mut self.closed)
+            .into_iter()
+            .map(|r| (r.key, r.value, r.kind == CLOSED_FINISHED))
+            .collect()
+    }
+
+    /// Has each whole connection's last packet hand it over on the CLOSED
+    /// ring ([`Kernel::drain_closed`]) instead of leaving it in the table
+    /// for a take: for an agent, which drains the ring every poll.
+    pub fn hand_over(&mut self, on: bool) -> Result<(), KernelError> {
+        if on {
+            self.config.flags |= CONFIG_FLAG_HAND_OVER;
+        } else {
+            self.config.flags &= !CONFIG_FLAG_HAND_OVER;
+        }
+        self.write_config()
+    }
+
     /// Connections the programs retired because a new connection started on
-    /// their tuple, oldest first.
+    /// their tuple, oldest first (all there are, without hand-over).
     pub fn drain_retired(&mut self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
         Ok(drain::<RetiredFlow>(&mut self.closed)
             .into_iter()

@@ -298,6 +298,9 @@ pub fn run(cfg: RunConfig) -> anyhow::Result<()> {
         );
     }
     let mut agent = Agent::new(kernel, cfg.timeouts);
+    // Finished connections come to the agent on the CLOSED ring, which it
+    // drains every poll, rather than waiting in the table for a take.
+    agent.kernel.hand_over(true)?;
     agent.keep = cfg.keep;
     agent.full_scan_limit = cfg.full_scan_limit;
     agent.list_changed(!cfg.quiet);
