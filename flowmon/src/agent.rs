@@ -116,6 +116,9 @@ pub struct Agent {
     /// Connections handed over since this poll began reading (see
     /// [`Agent::drain_closed`]).
     late_handed: FxHashSet<FlowKey>,
+    /// Connections handed over during one stretch's read (kept for its
+    /// buffer).
+    handed: FxHashSet<FlowKey>,
     /// Finished connections taken out of the table, waiting out their linger.
     held: Held,
     /// Buffers kept from poll to poll: a whole read's result (handed back
@@ -180,6 +183,7 @@ impl Agent {
             due: Vec::new(),
             hold: Vec::new(),
             late_handed: FxHashSet::default(),
+            handed: FxHashSet::default(),
             held: Held::default(),
             spare: Vec::new(),
             unchanged: Vec::new(),
@@ -205,7 +209,9 @@ impl Agent {
         // poll, never overcounted, and a monotonic counter stays exact.
         let totals = self.kernel.stats()?;
         let mut ended = std::mem::take(&mut self.ended);
-        self.drain_closed(&mut ended, &mut Vec::new());
+        // What was handed over before this poll read anything: no copy of
+        // it can be read, so its keys need not be kept.
+        self.drain_closed(&mut ended, &mut Vec::new(), None);
         let read = self.read(&totals, flush)?;
         // What stays is what was read, less what is taken: kept in place
         // rather than copied out entry by entry.
@@ -516,51 +522,53 @@ impl Agent {
         &mut self,
         ended: &mut Vec<(FlowKey, FlowValue)>,
         succeeded: &mut Vec<FlowKey>,
-    ) -> FxHashSet<FlowKey> {
-        let mut handed = FxHashSet::default();
+        mut handed: Option<&mut FxHashSet<FlowKey>>,
+    ) {
+        let (held, tracker, removed) = (&mut self.held, &mut self.tracker, &mut self.removed);
         let mut end_held = |held: &mut Held, k: &FlowKey, ended: &mut Vec<_>| {
             ended.extend(held.end(k));
             if !succeeded.is_empty() {
                 succeeded.retain(|s| s != k);
             }
         };
-        for (k, v, finished) in self.kernel.drain_closed() {
-            let route = self.held.route(&k, &v);
+        self.kernel.drain_closed_each(|k, v, finished| {
+            let route = held.route(k, v);
             if finished {
-                handed.insert(k);
+                if let Some(h) = handed.as_deref_mut() {
+                    h.insert(*k);
+                }
                 if route == Route::Successor {
-                    end_held(&mut self.held, &k, ended);
+                    end_held(held, k, ended);
                 }
                 // Out of the table as a take would have it.
-                self.removed += 1;
-                match self.held.hold(k, v) {
-                    None => self.tracker.hold(&k, &v),
-                    Some((before, merged)) => self.tracker.merge(&k, &before, merged),
+                *removed += 1;
+                match held.hold(*k, *v) {
+                    None => tracker.hold(k, v),
+                    Some((before, merged)) => tracker.merge(k, &before, merged),
                 }
-                continue;
+                return;
             }
             // Retired means a new SYN reached the tuple: a held connection
             // there is over, with what the retired entry counted after it
             // (unless that entry is a whole connection of its own).
             match route {
                 Route::Own => {
-                    self.tracker.end(&k, &v);
-                    ended.push((k, v));
+                    tracker.end(k, v);
+                    ended.push((*k, *v));
                 }
                 Route::Trailing => {
-                    if let Some((before, merged)) = self.held.hold(k, v) {
-                        self.tracker.merge(&k, &before, merged);
+                    if let Some((before, merged)) = held.hold(*k, *v) {
+                        tracker.merge(k, &before, merged);
                     }
-                    end_held(&mut self.held, &k, ended);
+                    end_held(held, k, ended);
                 }
                 Route::Successor => {
-                    end_held(&mut self.held, &k, ended);
-                    self.tracker.end(&k, &v);
-                    ended.push((k, v));
+                    end_held(held, k, ended);
+                    tracker.end(k, v);
+                    ended.push((*k, *v));
                 }
             }
-        }
-        handed
+        });
     }
 
     /// Drains the ring after reading `live[from..]`, and reads again the
@@ -576,8 +584,11 @@ impl Agent {
         succeeded: &mut Vec<FlowKey>,
         ended: &mut Vec<(FlowKey, FlowValue)>,
     ) -> Result<(), KernelError> {
-        let handed = self.drain_closed(ended, succeeded);
+        let mut handed = std::mem::take(&mut self.handed);
+        handed.clear();
+        self.drain_closed(ended, succeeded, Some(&mut handed));
         if handed.is_empty() {
+            self.handed = handed;
             return Ok(());
         }
         self.late_handed.extend(handed.iter().copied());
@@ -595,6 +606,7 @@ impl Agent {
             }
         }
         live.truncate(stay);
+        self.handed = handed;
         Ok(())
     }
 
@@ -698,8 +710,9 @@ impl Agent {
             let taken = self.take_all(&sift.due, &sift.hold, prefetch, ended);
             // A connection handed over between the read and the take is
             // absent for the take: its record is on the ring by now.
-            let handed = self.drain_closed(ended, &mut sift.succeeded);
-            self.late_handed.extend(handed);
+            let mut late = std::mem::take(&mut self.late_handed);
+            self.drain_closed(ended, &mut sift.succeeded, Some(&mut late));
+            self.late_handed = late;
             taken
         };
         sift.due.clear();

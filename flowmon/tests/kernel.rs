@@ -576,15 +576,20 @@ fn a_last_packet_and_a_new_syn_racing_on_two_cpus_report_the_connection_once() {
         pin_to_cpu(0);
         for i in 1..=N {
             let (c, p) = client(i);
+            // The server closes first, so that its ACK of the client's FIN
+            // is the last packet: the SYN comes the other way. (Two CPUs
+            // counting one direction at once may lose a count, which a
+            // real tuple's packets, sent in order by one host and
+            // received on one queue, do not do: README, Key layout.)
             for f in [
                 Frame::tcp(c, p, s, 80, TCP_SYN),
                 Frame::tcp(s, 80, c, p, TCP_SYN | TCP_ACK),
-                Frame::tcp(c, p, s, 80, TCP_FIN | TCP_ACK),
                 Frame::tcp(s, 80, c, p, TCP_FIN | TCP_ACK),
+                Frame::tcp(c, p, s, 80, TCP_FIN | TCP_ACK),
             ] {
                 xdp(k, &f.build());
             }
-            let last = Frame::tcp(c, p, s, 80, TCP_ACK).build();
+            let last = Frame::tcp(s, 80, c, p, TCP_ACK).build();
             go.store(i, Ordering::Release);
             xdp(k, &last);
             while done.load(Ordering::Acquire) != i {
@@ -599,8 +604,9 @@ fn a_last_packet_and_a_new_syn_racing_on_two_cpus_report_the_connection_once() {
     for (key, v, _) in &closed {
         *per_tuple.entry(*key).or_default() += 1;
         // The new SYN in the old connection: its retirement gave up.
-        merged += u64::from(v.dir[1].syn == 2);
-        assert!(v.dir[1].syn >= 1 && v.dir[1].syn <= 2 && v.dir[0].syn == 0);
+        let syn = v.dir[0].syn + v.dir[1].syn;
+        merged += u64::from(syn == 2);
+        assert!(syn == 1 || syn == 2, "{v:?}");
     }
 
     let twice = per_tuple.values().filter(|&&n| n > 1).count();
@@ -623,13 +629,16 @@ fn a_last_packet_and_a_new_syn_racing_on_two_cpus_report_the_connection_once() {
         "both orders happened: {handed} of {N} handed over"
     );
     // Each new connection has its entry, with its SYN, unless its
-    // retirement gave up on a busy lock (counted).
+    // retirement or its insert gave up on a busy lock (counted).
     let with_syn = entries
         .iter()
         .filter(|(_, v)| v.dir[0].syn + v.dir[1].syn == 1)
         .count() as u64;
     assert_eq!(entries.len() as u64, with_syn);
-    assert_eq!(with_syn + split_failed, u64::from(N));
+    assert_eq!(
+        with_syn + split_failed + st[STAT_INSERT_FAILED as usize],
+        u64::from(N)
+    );
 }
 
 #[test]
