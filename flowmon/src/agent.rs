@@ -511,8 +511,8 @@ impl Agent {
     /// find the connection held, or it would be taken for a new one), and
     /// after each take (which finds a connection handed over since the
     /// read absent): otherwise a connection the tracker remembers would
-    /// miss this poll and be counted as evicted. Returns the keys of the
-    /// connections handed over.
+    /// miss this poll and be counted as evicted. Adds the keys of the
+    /// connections handed over to `handed`, when given.
     ///
     /// `succeeded` are the keys of held connections that a new connection
     /// read on their tuple is to end at the next take: one this drain ends
