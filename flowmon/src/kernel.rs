@@ -961,16 +961,9 @@ impl Kernel {
     /// read off the ring: a busy agent drains tens of thousands a second,
     /// and collecting them first copied each twice.
     pub fn drain_closed_each(&mut self, mut each: impl FnMut(&FlowKey, &FlowValue, bool)) {
-        while let Some(item) = self.closed.next() {
-            if item.len() < std::mem::size_of::<RetiredFlow>() {
-                continue;
-            }
-            // Safety: RetiredFlow is a plain repr(C) type of the shared
-            // crate, valid for any bytes; the item holds its size, read
-            // unaligned.
-            let r = unsafe { item.as_ptr().cast::<RetiredFlow>().read_unaligned() };
-            each(&r.key, &r.value, r.kind == CLOSED_FINISHED);
-        }
+        drain_each(&mut self.closed, |r: RetiredFlow| {
+            each(&r.key, &r.value, r.kind == CLOSED_FINISHED)
+        });
     }
 
     /// Has each whole connection's last packet hand it over on the CLOSED
@@ -1177,15 +1170,20 @@ pub fn detach_pinned(dir: &std::path::Path) -> Result<Vec<String>, KernelError> 
 /// `T` records; a shorter one (never written) is skipped.
 fn drain<T: Copy>(ring: &mut RingBuf<MapData>) -> Vec<T> {
     let mut out = Vec::new();
+    drain_each(ring, |t| out.push(t));
+    out
+}
+
+/// Each record on `ring`, given to `each` as it is read off.
+fn drain_each<T: Copy>(ring: &mut RingBuf<MapData>, mut each: impl FnMut(T)) {
     while let Some(item) = ring.next() {
         if item.len() < std::mem::size_of::<T>() {
             continue;
         }
         // Safety: T is a plain repr(C) type of the shared crate, valid for
         // any bytes; the item holds at least its size, read unaligned.
-        out.push(unsafe { item.as_ptr().cast::<T>().read_unaligned() });
+        each(unsafe { item.as_ptr().cast::<T>().read_unaligned() });
     }
-    out
 }
 
 #[cfg(test)]

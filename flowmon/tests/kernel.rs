@@ -608,9 +608,7 @@ fn a_last_packet_and_a_new_syn_racing_on_two_cpus_report_the_connection_once() {
         merged += u64::from(syn == 2);
         assert!(syn == 1 || syn == 2, "{v:?}");
     }
-
     let twice = per_tuple.values().filter(|&&n| n > 1).count();
-
     let st = stats(&k);
     let split_failed = st[STAT_SPLIT_FAILED as usize];
     let entries = k.flows().unwrap();
