@@ -16,21 +16,10 @@ use flowmon_common::{
     },
 };
 
-use crate::bpfsys::MappedArray;
+use crate::{bpfsys::MappedArray, prefetch::line as prefetch};
 
 /// How many buckets ahead [`FlowTable::read_buckets`] asks for.
 const PREFETCH: usize = 16;
-
-/// Starts loading the cache line at `p` (a hint: it never faults).
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // Safety: prefetching has no effect on the program's state.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
 
 pub struct FlowTable {
     buckets: MappedArray<Bucket>,

@@ -32,7 +32,7 @@ use flowmon_common::{
     table::{Seeds, TABLE_LAYOUT, buckets_for},
 };
 
-use crate::{caps, flowtable::FlowTable, iface};
+use crate::{caps, flowtable::FlowTable, iface, prefetch};
 
 /// The eBPF object built by build.rs from flowmon-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowmon"));
@@ -1180,6 +1180,19 @@ fn drain_each<T: Copy>(ring: &mut RingBuf<MapData>, mut each: impl FnMut(T)) {
         if item.len() < std::mem::size_of::<T>() {
             continue;
         }
+        // The programs wrote the records on another CPU: each one's first
+        // read waited for its lines (a tenth of a busy agent's time, in
+        // the first use of its counters). The records of one type follow
+        // each other in the ring, each after an 8-byte header and padded
+        // to 8 bytes, so the one `AHEAD` on is asked for now. Past the
+        // records written so far the hint is only wasted: a prefetch never
+        // faults.
+        let stride = item.len().next_multiple_of(8) + 8;
+        prefetch::all(
+            item.as_ptr()
+                .wrapping_add(prefetch::AHEAD * stride)
+                .cast::<T>(),
+        );
         // Safety: T is a plain repr(C) type of the shared crate, valid for
         // any bytes; the item holds at least its size, read unaligned.
         each(unsafe { item.as_ptr().cast::<T>().read_unaligned() });

@@ -26,6 +26,7 @@ pub mod linger;
 pub mod metrics;
 pub mod model;
 pub mod offline;
+pub mod prefetch;
 pub mod recent;
 pub mod record;
 pub mod render;

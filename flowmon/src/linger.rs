@@ -21,6 +21,8 @@ use flowmon_common::{
 };
 use rustc_hash::FxHashMap;
 
+use crate::prefetch;
+
 /// What an entry read from the kernel, under a key, is to the held ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -45,6 +47,10 @@ pub struct Held {
     index: FxHashMap<FlowKey, Slot>,
     slab: Vec<FlowValue>,
     free: Vec<u32>,
+    /// Scratch of [`Held::end_due`]: the connections it ends.
+    due: Vec<(FlowKey, u32)>,
+    /// Calls of [`Held::shrink`] in a row that found it roomy.
+    roomy_calls: u32,
 }
 
 /// How much roomier than its connections [`Held`] may grow before
@@ -53,6 +59,14 @@ pub struct Held {
 /// back every poll).
 const SPARSE: usize = 8;
 const SHRINK_FLOOR: usize = 4096;
+/// How many polls in a row [`Held`] must be roomy before it shrinks: the
+/// next burst within them finds the room of the last. Shrunk after each
+/// burst's linger, the map grew again by doubling at the next, each new
+/// table larger than any hole the heap had (the records' chunks had taken
+/// them), into fresh pages faulted in and zeroed: 2,000 to 3,700 faults on
+/// the benchmark's measured replay, 3.5 s after its warm-up's burst
+/// (docs/performance.md).
+const SHRINK_AFTER: u32 = 10;
 
 #[derive(Clone, Copy)]
 struct Slot {
@@ -102,6 +116,12 @@ impl Held {
             Entry::Vacant(e) => {
                 let at = match self.free.pop() {
                     Some(i) => {
+                        // Free slots are where connections ended a linger
+                        // ago, scattered and long out of the cache: the one
+                        // this call's successors will fill is asked for now.
+                        if let Some(&next) = self.free.iter().rev().nth(prefetch::AHEAD - 1) {
+                            prefetch::all(&self.slab[next as usize]);
+                        }
                         self.slab[i as usize] = value;
                         i
                     }
@@ -137,19 +157,32 @@ impl Held {
         out: &mut Vec<(FlowKey, FlowValue)>,
     ) {
         let linger = linger.as_nanos() as u64;
-        let (slab, free) = (&self.slab, &mut self.free);
+        let (due, free) = (&mut self.due, &mut self.free);
         self.index.retain(|k, s| {
-            let due = flush || now_ns.saturating_sub(s.last) >= linger;
-            if due {
-                out.push((*k, slab[s.at as usize]));
+            let ends = flush || now_ns.saturating_sub(s.last) >= linger;
+            if ends {
+                due.push((*k, s.at));
                 free.push(s.at);
             }
-            !due
+            !ends
         });
+        // Their counters were written a linger ago, at random places in the
+        // slab: long out of the cache. Copied as the map's pass met them,
+        // each was a wait (a tenth of a busy agent's time); asked for
+        // [`prefetch::AHEAD`] connections early, the waits overlap.
+        out.reserve(due.len());
+        for (i, (k, at)) in due.iter().enumerate() {
+            if let Some((_, next)) = due.get(i + prefetch::AHEAD) {
+                prefetch::all(&self.slab[*next as usize]);
+            }
+            out.push((*k, self.slab[*at as usize]));
+        }
+        due.clear();
     }
 
     /// Gives back the map's room and packs the slab once most of a burst
-    /// has ended: the map never shrinks by itself, and the slab's free
+    /// has ended, for [`SHRINK_AFTER`] calls (polls) in a row: the map
+    /// never shrinks by itself, and the slab's free
     /// slots are reused in the order they were freed. The few thousand
     /// connections held after a burst of a hundred thousand were spread
     /// over a map and a slab sized for the burst (16 MB), a cache miss each
@@ -160,8 +193,14 @@ impl Held {
         let live = self.index.len();
         let roomy = SPARSE * live.max(SHRINK_FLOOR);
         if self.slab.len() <= roomy && self.index.capacity() <= roomy {
+            self.roomy_calls = 0;
             return;
         }
+        self.roomy_calls += 1;
+        if self.roomy_calls < SHRINK_AFTER {
+            return;
+        }
+        self.roomy_calls = 0;
         // The survivors move to the front of the slab, in their order
         // there, and the rest of its allocation stays for the next burst:
         // given back, it was grown again into fresh pages, each faulted in
@@ -341,6 +380,34 @@ mod tests {
         assert_eq!(out.len(), 2, "a flush ends them all");
     }
 
+    /// Bursts closer together than [`SHRINK_AFTER`] polls keep the room.
+    #[test]
+    fn a_burst_within_the_wait_keeps_the_room() {
+        let mut h = Held::default();
+        let n = (SPARSE * SHRINK_FLOOR) as u16 + 100;
+        let mut room = 0;
+        for burst in 0..2 {
+            for p in 0..n {
+                h.hold(key(p), value(1, S, 0));
+            }
+            // Still held when a poll looks: not roomy, so the wait starts
+            // over once the burst has ended.
+            h.shrink();
+            for p in 5..n {
+                h.end(&key(p));
+            }
+            if burst == 0 {
+                room = h.index.capacity();
+            }
+            for _ in 1..SHRINK_AFTER {
+                h.shrink();
+            }
+            assert_eq!((h.index.capacity(), h.slab.len()), (room, usize::from(n)));
+        }
+        h.shrink();
+        assert_eq!(h.slab.len(), 5);
+    }
+
     #[test]
     fn a_burst_s_room_is_given_back_and_the_survivors_keep_their_values() {
         let mut h = Held::default();
@@ -355,6 +422,12 @@ mod tests {
             assert!(h.end(&key(p)).is_some());
         }
         assert_eq!(h.slab.len(), usize::from(n));
+        // Not at once: a burst in the next polls finds the room again.
+        for _ in 1..SHRINK_AFTER {
+            h.shrink();
+        }
+        assert_eq!(h.slab.len(), usize::from(n));
+        assert!(h.index.capacity() >= usize::from(n));
         h.shrink();
         assert_eq!((h.len(), h.slab.len(), h.free.len()), (5, 5, 0));
         assert!(h.index.capacity() < 64, "{}", h.index.capacity());

@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 use crate::{
     close::{Close, ClosedBy, Timeouts, earliest},
     model::Conn,
+    prefetch::{self, AHEAD},
 };
 
 /// A reported connection.
@@ -220,7 +221,7 @@ pub fn table(records: &[ConnRecord]) -> String {
 /// position. Integers compare in a few instructions, where the key's
 /// address arrays compared through a call to memcmp, for thousands of
 /// records a poll.
-type SortKey = (i64, u128, u128, u64, u32, u32);
+pub type SortKey = (i64, u128, u128, u64, u32, u32);
 
 fn sort_key(first_seen: f64, k: &FlowKey, position: usize) -> SortKey {
     let b = first_seen.to_bits() as i64;
@@ -238,9 +239,13 @@ fn sort_key(first_seen: f64, k: &FlowKey, position: usize) -> SortKey {
 /// `records` in the order every report lists them: by first packet, then
 /// key, then position. The order is found on the keys first and each
 /// record built in its place: records built, then sorted, were moved
-/// about (300 bytes each) and compared field by field.
+/// about (300 bytes each) and compared field by field. `keys` is scratch,
+/// left empty: a caller that calls again keeps its room, as a poll's keys
+/// (megabytes in a burst) allocated afresh grew the heap into new pages.
+#[allow(clippy::too_many_arguments)]
 pub fn extend_sorted(
     records: &mut Vec<ConnRecord>,
+    keys: &mut Vec<SortKey>,
     ended: &[(FlowKey, FlowValue)],
     evicted: &[(FlowKey, FlowValue)],
     names: &HashMap<u32, String>,
@@ -248,21 +253,23 @@ pub fn extend_sorted(
     t: &Timeouts,
     offset_ns: i128,
 ) {
-    let mut keys: Vec<SortKey> = ended
-        .iter()
-        .chain(evicted)
-        .enumerate()
-        .map(|(i, (k, v))| {
-            let first = earliest(&[v.dir[0].first_ns, v.dir[1].first_ns]);
-            sort_key(unix_secs(first, offset_ns), k, i)
-        })
-        .collect();
+    keys.clear();
+    keys.extend(ended.iter().chain(evicted).enumerate().map(|(i, (k, v))| {
+        let first = earliest(&[v.dir[0].first_ns, v.dir[1].first_ns]);
+        sort_key(unix_secs(first, offset_ns), k, i)
+    }));
     keys.sort_unstable();
     records.reserve(keys.len());
     let mut ifaces: Vec<(u32, Arc<str>)> = Vec::new();
-    for key in &keys {
+    let at = |i: usize| ended.get(i).unwrap_or_else(|| &evicted[i - ended.len()]);
+    for (j, key) in keys.iter().enumerate() {
+        // In report order the connections are at random places in their
+        // lists, most of them out of the cache in a busy poll.
+        if let Some(next) = keys.get(j + AHEAD) {
+            prefetch::all(at(next.5 as usize));
+        }
         let i = key.5 as usize;
-        let (k, v) = ended.get(i).unwrap_or_else(|| &evicted[i - ended.len()]);
+        let (k, v) = at(i);
         let mut r = ConnRecord::new(
             Conn::new(*k, *v),
             shared_name(&mut ifaces, names, k.ifindex),
@@ -275,6 +282,7 @@ pub fn extend_sorted(
         }
         records.push(r);
     }
+    keys.clear();
 }
 
 /// Seconds since the Unix epoch of `ns` on a clock `offset_ns` behind it.
@@ -313,7 +321,16 @@ pub fn build(
     offset_ns: i128,
 ) -> Vec<ConnRecord> {
     let mut records = Vec::new();
-    extend_sorted(&mut records, &flows, &[], names, now_ns, t, offset_ns);
+    extend_sorted(
+        &mut records,
+        &mut Vec::new(),
+        &flows,
+        &[],
+        names,
+        now_ns,
+        t,
+        offset_ns,
+    );
     records
 }
 
@@ -345,7 +362,11 @@ mod tests {
             Timeouts::default(),
         );
         let mut got = Vec::new();
-        extend_sorted(&mut got, &ended, &vanished, &names, 10, &t, 1_000);
+        let mut keys = Vec::new();
+        extend_sorted(
+            &mut got, &mut keys, &ended, &vanished, &names, 10, &t, 1_000,
+        );
+        assert!(keys.is_empty());
         // By first packet, then key, then position (the ended first).
         let order = [
             (true, 1),
