@@ -16,7 +16,7 @@ use flowmon_common::{
     },
 };
 
-use crate::{bpfsys::MappedArray, prefetch::line as prefetch};
+use crate::{bpfsys::MappedArray, prefetch};
 
 /// How many buckets ahead [`FlowTable::read_buckets`] asks for.
 const PREFETCH: usize = 16;
@@ -75,7 +75,7 @@ impl FlowTable {
             // are already on their way (past `to` too: a whole read comes
             // in stretches).
             if b + PREFETCH < self.buckets() {
-                prefetch(self.buckets.ptr(b + PREFETCH));
+                prefetch::line(self.buckets.ptr(b + PREFETCH));
             }
             for w in 0..WAYS {
                 let tag = self.tag(b, w);
@@ -120,8 +120,8 @@ impl FlowTable {
 
     /// Starts loading the tags of buckets `b`.
     fn prefetch_tags(&self, b: [usize; 2]) {
-        prefetch(self.buckets.ptr(b[0]));
-        prefetch(self.buckets.ptr(b[1]));
+        prefetch::line(self.buckets.ptr(b[0]));
+        prefetch::line(self.buckets.ptr(b[1]));
     }
 
     /// Starts loading the slot whose tag is `tag` in buckets `b`, if any
@@ -130,11 +130,7 @@ impl FlowTable {
     fn prefetch_slot(&self, b: [usize; 2], tag: u32) {
         for b in b {
             if let Some(w) = (0..WAYS).find(|&w| self.tag(b, w) == tag) {
-                let slot = self.slot(b, w).cast::<u8>();
-                for line in (0..core::mem::size_of::<Slot>()).step_by(64) {
-                    // Safety: within the slot, inside the mapping.
-                    prefetch(unsafe { slot.add(line) });
-                }
+                prefetch::all(self.slot(b, w));
                 return;
             }
         }

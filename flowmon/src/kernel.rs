@@ -981,10 +981,9 @@ impl Kernel {
     /// Connections the programs retired because a new connection started on
     /// their tuple, oldest first (all there are, without hand-over).
     pub fn drain_retired(&mut self) -> Result<Vec<(FlowKey, FlowValue)>, KernelError> {
-        Ok(drain::<RetiredFlow>(&mut self.closed)
-            .into_iter()
-            .map(|r| (r.key, r.value))
-            .collect())
+        let mut out = Vec::new();
+        self.drain_closed_each(|k, v, _| out.push((*k, *v)));
+        Ok(out)
     }
 
     /// The global counters, summed over CPUs, indexed by `flowmon_common::stats`.
